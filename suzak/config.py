@@ -1,0 +1,378 @@
+"""The one typed configuration tree of suzak, read from YAML with dotted command-line overrides.
+
+    suzak train --config configs/qwen25vl_7b_clevr.yaml grpo.num_generations=4 server.port=8001
+
+Every field carries a docstring (pydantic turns them into descriptions, shown by `suzak config --explain`).
+Unknown keys and bad values are errors that name the key and what is allowed. This module imports only
+pydantic and yaml, so it validates a config before anything heavy (torch, vLLM) is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from suzak.errors import SuzakError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, field docstrings become descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    """Train LoRA adapters instead of the full model; the reference model is then the adapters switched off."""
+    r: int = Field(64, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(128, ge=1)
+    """LoRA alpha (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Language-model module names that receive adapters."""
+
+
+class ModelConfig(Section):
+    name_or_path: str = "tiny"
+    """'tiny' (the embedded random-init Qwen2.5-VL, built on first use), a local HF folder, or a hub id such as Qwen/Qwen2.5-VL-7B-Instruct."""
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    """Learner weight dtype. 'auto': bfloat16 on CUDA, float32 on CPU."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    """Attention kernel. 'auto': flash_attention_2 when importable on CUDA, otherwise sdpa."""
+    min_pixels: int = Field(3136, ge=784)
+    """Smallest image area (pixels) after resizing; must equal the server's (checked at connect time)."""
+    max_pixels: int = Field(401408, ge=784)
+    """Largest image area (pixels) after resizing (401408 = 512 visual tokens); larger images are downscaled."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    freeze_vision: bool = False
+    """Freeze the vision tower (ViT blocks)."""
+    freeze_merger: bool = False
+    """Freeze the vision-to-language merger."""
+    freeze_lm: bool = False
+    """Freeze the language model (train only vision parts)."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapters (peft)."""
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> ModelConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
+        return self
+
+
+class SynthConfig(Section):
+    n: int = Field(2000, ge=1)
+    """Number of synthetic samples to generate."""
+    seed: int = 0
+    """Seed of the generator; the same seed gives the same data."""
+    split: Literal["A", "B"] = "A"
+    """CLEVR CoGenT condition of the generated scenes."""
+    min_objects: int = Field(3, ge=1)
+    """Fewest objects in a CLEVR scene."""
+    max_objects: int = Field(10, ge=1)
+    """Most objects in a CLEVR scene."""
+    image_width: int = Field(480, ge=28)
+    """Width of generated images in pixels."""
+    image_height: int = Field(320, ge=28)
+    """Height of generated images in pixels."""
+    total_count_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    """Fraction of CLEVR questions that ask for the total count (the rest ask attribute counts)."""
+
+
+class DataConfig(Section):
+    task: Literal["clevr_count", "geoqa", "superclevr"] = "clevr_count"
+    """Task: defines prompts, answer extraction, rewards and scoring."""
+    source: str = "synth"
+    """Where the training data comes from: 'synth', a hub dataset id, a save_to_disk folder, or a JSONL file in the R1-V benchmark format."""
+    split: str = "train"
+    """Dataset split to read (hub datasets and DatasetDict folders)."""
+    image_root: str | None = None
+    """Folder that relative image paths in a JSONL are resolved against (default: the JSONL's folder)."""
+    limit: int | None = Field(None, ge=1)
+    """Use at most this many rows."""
+    train_prompt: Literal["train", "eval"] = "train"
+    """Prompt template used while training: R1-V's training prompt, or the benchmark's eval prompt (avoids the train/eval mismatch)."""
+    system_prompt: bool = False
+    """Prepend R1-V's text-only system prompt to every conversation."""
+    synth: SynthConfig = SynthConfig()
+    """Settings of the synthetic generator (source='synth')."""
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-6, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    """Fraction of the steps spent in linear warm-up."""
+    scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """Optimizer. adamw keeps fp32 master state; adamw_8bit needs bitsandbytes (CUDA)."""
+    master_weights_fp32: bool = True
+    """Keep fp32 master weights when the model runs in bf16 (plain bf16 loses updates at lr 1e-6)."""
+
+
+class SFTConfig(Section):
+    enabled: bool = True
+    """Run the SFT stage before GRPO."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the SFT data."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs)."""
+    batch_size: int = Field(4, ge=1)
+    """Examples per micro-batch per process."""
+    grad_accum: int = Field(4, ge=1)
+    """Micro-batches per optimizer step."""
+    mask_prompt: bool = True
+    """Mask the prompt (and image) tokens from the loss; R1-V's sft.py trains on the prompt too (set false for that)."""
+    optim: OptimConfig = OptimConfig(lr=2e-5, warmup_ratio=0.1, scheduler="cosine")
+    """Optimizer of the SFT stage (R1-V: lr 2e-5, cosine, warm-up 0.1)."""
+
+
+class GRPOConfig(Section):
+    enabled: bool = True
+    """Run the GRPO stage."""
+    steps: int = Field(100, ge=1)
+    """Number of rollout batches (R1-V's 'steps')."""
+    prompts_per_step: int = Field(8, ge=1)
+    """Prompts sampled per step (all processes together)."""
+    num_generations: int = Field(8, ge=2)
+    """G: completions per prompt, forming one group."""
+    max_completion_tokens: int = Field(512, ge=1)
+    """Longest completion the server generates."""
+    temperature: float = Field(0.9, ge=0)
+    """Sampling temperature of the rollouts (R1-V's vLLM path: 0.9)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of the rollouts."""
+    top_k: int = Field(-1, ge=-1)
+    """Top-k sampling of the rollouts (-1: off)."""
+    loss_type: Literal["r1v", "clip", "dapo", "dr_grpo"] = "clip"
+    """Policy loss: r1v (no clip, k3 KL, sequence mean), clip (PPO-style), dapo (token mean), dr_grpo."""
+    beta: float = Field(0.0, ge=0)
+    """KL coefficient to a frozen reference model; 0 loads no reference (R1-V used 0.04)."""
+    eps_low: float = Field(0.2, ge=0)
+    """Lower clip range of the ratio."""
+    eps_high: float = Field(0.28, ge=0)
+    """Upper clip range of the ratio (DAPO clip-higher)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage normalisation: group std (GRPO), batch std, or none (Dr.GRPO)."""
+    num_iterations: int = Field(1, ge=1)
+    """Optimisation passes over each rollout batch (mu)."""
+    mini_batches: int = Field(1, ge=1)
+    """Optimizer steps per pass; the rollout batch is split into this many mini-batches."""
+    micro_batch_tokens: int = Field(16384, ge=64)
+    """Token budget of one learner forward/backward micro-batch."""
+    tis_cap: float | None = Field(2.0, gt=0)
+    """Cap of the truncated importance-sampling correction for the server/learner log-prob mismatch (null: off)."""
+    reward_mode: Literal["guarded", "r1v"] = "guarded"
+    """Reward rules: guarded (hack guards on) or r1v (R1-V's exact rules)."""
+    reward_weights: dict[str, float] = {"accuracy": 1.0, "format": 1.0}
+    """Weight of each reward function in the summed reward."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer of the GRPO stage (R1-V: lr 1e-6, constant)."""
+
+
+class ServerConfig(Section):
+    url: str | None = None
+    """URL of a running rollout server; when unset, the learner starts a local one."""
+    engine: Literal["vllm", "hf"] = "vllm"
+    """Generation engine: vllm, or hf (transformers generate; slow, for machines without vLLM)."""
+    host: str = "127.0.0.1"
+    """Address the server binds; off localhost, admin routes need SUZAK_SERVER_TOKEN."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Port the server listens on."""
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """Share of GPU memory vLLM takes (on CPU: share of RAM for the KV cache)."""
+    max_model_len: int = Field(4096, ge=128)
+    """Longest prompt + completion in tokens."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Most sequences vLLM runs at once."""
+    seed: int = 0
+    """Seed of the engine's sampler."""
+    enable_prefix_caching: bool = True
+    """Share KV cache between rollouts of one prompt (and across steps until a weight update)."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs / torch.compile in vLLM (faster start, slower decode)."""
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    """Server weight dtype. 'auto': bfloat16 on CUDA, float32 on CPU."""
+    transport: Literal["auto", "files", "ipc", "nccl"] = "auto"
+    """Weight transport from learner to server. auto: ipc when both share a GPU, nccl for other GPUs, files on CPU."""
+    nccl_port: int = Field(29555, ge=1, le=65535)
+    """TCP port of the NCCL weight-transfer rendezvous."""
+    bucket_mb: int = Field(1024, ge=1)
+    """Bucket size for packed weight pushes, in MiB."""
+    sleep_during_update: bool = False
+    """Put the server to sleep (free its GPU memory) while the learner runs its update."""
+    startup_timeout_s: float = Field(600.0, gt=0)
+    """How long the learner waits for a local server to become ready."""
+    request_timeout_s: float = Field(1800.0, gt=0)
+    """HTTP timeout of one generate call."""
+
+
+class EvalConfig(Section):
+    benchmarks: list[str] = ["clevr-synth"]
+    """Benchmarks run after training and every `every_steps` steps: superclevr, geoqa, clevr-synth, geo-synth."""
+    every_steps: int = Field(0, ge=0)
+    """Run the benchmarks every K GRPO steps (0: only at the end)."""
+    scoring: Literal["r1v", "strict"] = "r1v"
+    """r1v: R1-V's scripts exactly; strict: extract the <answer> first."""
+    prompt: Literal["eval", "train"] = "eval"
+    """R1-V's eval prompt of the benchmark, or the training prompt."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Completion budget; default per benchmark (SuperCLEVR 256, GeoQA 1024)."""
+    limit: int | None = Field(None, ge=1)
+    """Evaluate at most this many problems."""
+    data: str | None = None
+    """Benchmark data path (jsonl, or its folder)."""
+    synth_n: int = Field(200, ge=1)
+    """Problems in the synthetic benchmarks."""
+    synth_seed: int = 12345
+    """Seed of the synthetic benchmarks (held out: differs from the training seed)."""
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(50, ge=1)
+    """Save a full checkpoint every K optimizer steps (and always at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints kept on disk; older ones are deleted after a newer one is complete."""
+    resume: bool = True
+    """Continue from the newest checkpoint in the output folder when one exists."""
+    push_to_hub: bool = False
+    """Upload the final export to the hub (needs HF_TOKEN and hub_model_id)."""
+    hub_model_id: str | None = None
+    """Hub repo of the final export (default: $HUB_MODEL_ID)."""
+
+
+class LoggingConfig(Section):
+    log_every: int = Field(1, ge=1)
+    """Print and record metrics every K steps."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs WANDB_API_KEY; project and entity from WANDB_PROJECT / WANDB_ENTITY)."""
+    tensorboard: bool = False
+    """Write tensorboard event files (tensorboardX) under out_dir/tb."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+class RunConfig(Section):
+    out_dir: str = "runs/default"
+    """Folder of every output of the run: checkpoints, metrics, reports, the resolved config."""
+    seed: int = 0
+    """Seed of everything random in the learner (data order, init, dropout)."""
+    model: ModelConfig = ModelConfig()
+    """The policy model and its processor."""
+    data: DataConfig = DataConfig()
+    """Training data and task."""
+    sft: SFTConfig = SFTConfig()
+    """Supervised fine-tuning stage."""
+    grpo: GRPOConfig = GRPOConfig()
+    """GRPO stage."""
+    server: ServerConfig = ServerConfig()
+    """Rollout server."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpointing and export."""
+    logging: LoggingConfig = LoggingConfig()
+    """Console, file, wandb and tensorboard logging."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'grpo.num_generations=4' -> (['grpo', 'num_generations'], 4); the value is parsed as YAML."""
+    if "=" not in item:
+        raise SuzakError(f"override '{item}' must look like section.key=value (e.g. grpo.num_generations=4)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any, model: type[BaseModel]) -> None:
+    """Set tree[path] = value, checking each key against the schema so a typo names the allowed keys."""
+    node, schema = tree, model
+    for depth, key in enumerate(path):
+        fields = schema.model_fields if schema is not None else {}
+        if schema is not None and key not in fields:
+            where = ".".join(path[:depth]) or "top level"
+            raise SuzakError(f"unknown config key '{'.'.join(path)}': '{key}' is not in {where}; allowed: {', '.join(fields)}")
+        if depth == len(path) - 1:
+            node[key] = value
+            return
+        annotation = fields[key].annotation if schema is not None else None
+        schema = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SuzakError(f"config key '{'.'.join(path[: depth + 1])}' is a value, not a section")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; `suzak config --explain` lists the keys)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults), apply dotted overrides, and validate the whole tree."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SuzakError(f"config file {path} not found; the recipes live in configs/ (e.g. configs/tiny_clevr.yaml)")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SuzakError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise SuzakError(f"config file {path} must hold a mapping of sections (model:, data:, grpo: ...)")
+        source = str(path)
+    for item in overrides:
+        keys, value = parse_override(item)
+        _set_dotted(tree, keys, value, RunConfig)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise SuzakError(_format_validation_error(e, source)) from None
+
+
+def save_config(cfg: RunConfig, folder: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to an output, atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, target)
+    return target
+
+
+def explain(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """One line per leaf key: 'grpo.beta = 0.0  # KL coefficient ...'."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(explain(ann, key + "."))
+        else:
+            lines.append(f"{key} = {field.default!r}  # {field.description or ''}")
+    return lines

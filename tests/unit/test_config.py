@@ -1,0 +1,90 @@
+"""Config tree: YAML + dotted overrides, clear errors for typos and bad values, save round-trip."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from suzak.config import RunConfig, explain, load_config, save_config
+from suzak.errors import SuzakError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert cfg.grpo.num_generations == 8
+    assert cfg.model.max_pixels == 401408
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("grpo:\n  num_generations: 4\nmodel:\n  name_or_path: Qwen/Qwen2.5-VL-3B-Instruct\n")
+    cfg = load_config(p, ["grpo.num_generations=6", "grpo.reward_weights={accuracy: 2.0}", "grpo.tis_cap=null"])
+    assert cfg.grpo.num_generations == 6
+    assert cfg.grpo.reward_weights == {"accuracy": 2.0}
+    assert cfg.grpo.tis_cap is None
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def test_unknown_key_names_allowed_keys():
+    with pytest.raises(SuzakError, match=r"grpo\.num_generation.*allowed:.*num_generations"):
+        load_config(None, ["grpo.num_generation=4"])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("grpo:\n  lr: 1e-6\n")
+    with pytest.raises(SuzakError, match=r"grpo\.lr: unknown key"):
+        load_config(p)
+
+
+def test_bad_value_names_key():
+    with pytest.raises(SuzakError, match=r"grpo\.loss_type"):
+        load_config(None, ["grpo.loss_type=ppo"])
+    with pytest.raises(SuzakError, match=r"min_pixels"):
+        load_config(None, ["model.min_pixels=500000", "model.max_pixels=1000"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SuzakError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpo: [unclosed\n")
+    with pytest.raises(SuzakError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_save_round_trip(tmp_path):
+    cfg = load_config(None, ["grpo.beta=0.04", "seed=7"])
+    path = save_config(cfg, tmp_path)
+    again = RunConfig.model_validate(yaml.safe_load(path.read_text()))
+    assert again == cfg
+
+
+def test_every_field_documented():
+    undocumented = [line for line in explain() if line.rstrip().endswith("#")]
+    assert not undocumented, undocumented
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(recipe):
+    load_config(recipe)
+
+
+def test_cli_help_is_fast_and_imports_nothing_heavy():
+    code = "import sys, suzak.cli, suzak.config; print(sorted(m for m in ('torch','vllm','transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "suzak", "--help"], capture_output=True, check=True)
+    assert time.time() - start < 10  # generous for a loaded CI box; typically ~0.3 s
+
+
+def test_cli_config_error_exit_code():
+    r = subprocess.run([sys.executable, "-m", "suzak", "config", "grpo.bogus=1"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "unknown config key" in r.stderr and "Traceback" not in r.stderr
