@@ -1,0 +1,363 @@
+"""The GRPO learner: rollouts from the server, rewards, group advantages, policy update, weight push.
+
+    suzak train --stages grpo                    # as part of the pipeline (trainer/pipeline.py)
+    torchrun --nproc-per-node 2 -m suzak train --config configs/qwen25vl_3b_clevr.yaml --stages grpo
+
+One step reads top to bottom in `GRPOLearner.step`: sample prompts -> client.generate (HTTP) -> rewards (task) ->
+advantages -> loss and update -> weight push (transport) -> the server serves policy version + 1.
+Each rank samples its own prompts and keeps whole groups, so advantages need no communication; DDP (through
+accelerate) averages gradients; rank 0 pushes the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from suzak.config import RunConfig
+from suzak.errors import SuzakError
+from suzak.tasks import Example, Task
+from trainer import loss as grpo_loss
+from trainer.rollouts import (MicroBatch, PreparedPrompt, Rollout, build_micro_batch, collect_rollouts,
+                              cut_micro_batches, generate_request, prepare_prompt, vision_token_ids)
+
+LOGP_CHUNK = 1024
+
+
+class PromptSampler:
+    """Epoch-wise shuffled prompt order; its state (epoch, position) is saved in checkpoints for exact resume."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 100003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, count: int) -> list[int]:
+        """The next `count` indices of the global order that belong to this rank."""
+        picked = []
+        order = self._order()
+        while len(picked) < count * self.world:
+            if self.position >= self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            picked.append(order[self.position])
+            self.position += 1
+        return picked[self.rank::self.world]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def split_backbone(model):
+    """(backbone, lm_head) of a (possibly peft-wrapped) Qwen2.5-VL, so log-probs never need full-vocab logits for every position."""
+    inner = model
+    for attr in ("module", "base_model", "model"):
+        # peft: PeftModel.base_model (LoraModel).model (the HF model); DDP: .module
+        if hasattr(inner, "lm_head"):
+            break
+        inner = getattr(inner, attr, inner)
+    if not hasattr(inner, "lm_head") or not hasattr(inner, "model"):
+        raise SuzakError(f"unsupported model class {type(model).__name__}: expected a Qwen2.5-VL with .model and .lm_head")
+    return inner.model, inner.lm_head
+
+
+def completion_logps(model, mb: MicroBatch, temperature: float, device) -> torch.Tensor:
+    """Per-position log-probs [B, T-1] of the next token under softmax(logits / T), non-zero only on completion tokens."""
+    backbone, head = split_backbone(model)
+    out = backbone(input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device),
+                   pixel_values=mb.pixel_values.to(device), image_grid_thw=mb.image_grid_thw.to(device))
+    hidden = out.last_hidden_state[:, :-1]
+    mask = mb.completion_mask.to(device) > 0
+    result = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+    rows = hidden[mask]
+    targets = mb.targets.to(device)[mask]
+    pieces = []
+    # The head runs on completion positions only, in chunks, so [tokens, vocab] logits never exist for the whole batch.
+    for start in range(0, rows.shape[0], LOGP_CHUNK):
+        logits = head(rows[start:start + LOGP_CHUNK])
+        pieces.append(grpo_loss.selective_log_softmax(logits, targets[start:start + LOGP_CHUNK], temperature))
+    if pieces:
+        result = result.masked_scatter(mask, torch.cat(pieces).float())
+    return result
+
+
+class GRPOLearner:
+    """Owns the policy, the optimizer, the client and the transport for the GRPO stage."""
+
+    def __init__(self, cfg: RunConfig, task: Task, examples: list[Example], client, out_dir: Path,
+                 eval_hook=None):
+        from trainer.checkpoint import CheckpointManager
+        from trainer.distributed import make_accelerator
+        from trainer.model_setup import build_optimizer, load_policy
+
+        self.cfg, self.task, self.examples, self.client = cfg, task, examples, client
+        self.out_dir = Path(out_dir)
+        self.eval_hook = eval_hook
+        self.acc = make_accelerator(cfg)
+        self.device = self.acc.device
+        torch.manual_seed(cfg.seed + self.acc.process_index)
+        self.policy = load_policy(cfg, self.device)
+        g = cfg.grpo
+        optimizer, scheduler = build_optimizer(self.policy.model, g.optim, g.steps * g.num_iterations * g.mini_batches)
+        self.model, self.optimizer = self.acc.prepare(self.policy.model, optimizer)
+        self.scheduler = scheduler
+        self.processor = self.policy.processor
+        self.pad_id = self._pad_id()
+        self.vision_ids = vision_token_ids(self.acc.unwrap_model(self.model).config)
+        self.sampler = PromptSampler(len(examples), cfg.seed, self.acc.process_index, self.acc.num_processes)
+        self.ckpt = CheckpointManager(self.out_dir, cfg.checkpoint.keep_last)
+        self.reward_fns = task.reward_functions(g.reward_mode)
+        self.step_index, self.policy_version = 0, 0
+        self.transport = None
+
+    def _pad_id(self) -> int:
+        tok = self.processor.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+    # ------------------------------------------------------------------ weights
+
+    def _connect_transport(self):
+        from vllm_server.client import check_compatible
+        from vllm_server.transport import choose_transport
+
+        info = self.client.info()
+        check_compatible(info, self.cfg.model)
+        self.transport = choose_transport(self.cfg, self.device, info, out_dir=self.out_dir)
+        self.transport.init(self.client)
+        return info
+
+    def push_weights(self) -> dict:
+        """Send the current weights to the server as policy version `self.policy_version` (rank 0 sends)."""
+        from trainer.weights import named_weights_for_server
+
+        stats = {}
+        if self.acc.is_main_process:
+            if self.transport is None:
+                self._connect_transport()
+            start = time.perf_counter()
+            weights = named_weights_for_server(self.acc.unwrap_model(self.model), self.cfg.server.dtype)
+            stats = dict(self.transport.push(weights, self.policy_version) or {})
+            stats["seconds"] = time.perf_counter() - start
+        self.acc.wait_for_everyone()
+        return stats
+
+    def ensure_server_synced(self) -> None:
+        """After a server restart the version differs: push the current weights again instead of losing a step."""
+        if not self.acc.is_main_process:
+            return
+        info = self.client.info()
+        if info.policy_version != self.policy_version:
+            print(f"server at policy version {info.policy_version}, learner at {self.policy_version}: re-pushing weights")
+            self.transport = None
+            self.push_weights_main_only()
+
+    def push_weights_main_only(self) -> None:
+        from trainer.weights import named_weights_for_server
+
+        if self.transport is None:
+            self._connect_transport()
+        weights = named_weights_for_server(self.acc.unwrap_model(self.model), self.cfg.server.dtype)
+        self.transport.push(weights, self.policy_version)
+
+    # ------------------------------------------------------------------ one step
+
+    def generate(self, prompts: list[PreparedPrompt]) -> list[Rollout]:
+        g = self.cfg.grpo
+        req = generate_request(prompts, n=g.num_generations, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                               max_tokens=g.max_completion_tokens,
+                               seed=self.cfg.seed * 1_000_003 + self.step_index * 1009 + self.acc.process_index)
+        response = self.client.generate(req)
+        return collect_rollouts(prompts, response, vision_token_ids=self.vision_ids)
+
+    def score(self, rollouts: list[Rollout], prompts: list[PreparedPrompt]) -> dict[str, float]:
+        """Weighted sum of the task's reward functions; each function's mean is logged."""
+        weights = self.cfg.grpo.reward_weights
+        unknown = set(weights) - set(self.reward_fns)
+        if unknown:
+            raise SuzakError(f"grpo.reward_weights names unknown reward(s) {sorted(unknown)}; known: {sorted(self.reward_fns)}")
+        for r in rollouts:
+            answer = prompts[r.prompt_index].example.answer
+            r.rewards = {name: fn(r.text, answer) for name, fn in self.reward_fns.items()}
+            r.reward = sum(weights.get(name, 0.0) * v for name, v in r.rewards.items())
+        metrics = {f"reward/{name}": sum(r.rewards[name] for r in rollouts) / len(rollouts) for name in self.reward_fns}
+        rewards = torch.tensor([r.reward for r in rollouts])
+        metrics["reward/total"] = rewards.mean().item()
+        metrics["reward/std"] = rewards.std().item() if len(rollouts) > 1 else 0.0
+        return metrics
+
+    def advantages(self, rollouts: list[Rollout]) -> dict[str, float]:
+        g = self.cfg.grpo
+        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
+        adv, stats = grpo_loss.group_advantages(rewards, g.num_generations, g.scale_rewards)
+        for r, a in zip(rollouts, adv.tolist()):
+            r.advantage = a
+        return {f"adv/{k}": float(v) for k, v in stats.items()}
+
+    def _micro_batches(self, rollouts, prompts) -> list[MicroBatch]:
+        groups = cut_micro_batches(rollouts, prompts, self.cfg.grpo.micro_batch_tokens)
+        return [build_micro_batch(ix, rollouts, prompts, self.pad_id, self.vision_ids) for ix in groups]
+
+    @torch.no_grad()
+    def _frozen_logps(self, batches: list[MicroBatch], reference: bool) -> list[torch.Tensor]:
+        """Log-probs under the current (old) policy, or under the reference (LoRA: adapters off)."""
+        model = self.acc.unwrap_model(self.model)
+        out = []
+        for mb in batches:
+            if reference and self.policy.ref_model is not None:
+                out.append(completion_logps(self.policy.ref_model, mb, self.cfg.grpo.temperature, self.device))
+            elif reference:
+                with model.disable_adapter():
+                    out.append(completion_logps(model, mb, self.cfg.grpo.temperature, self.device))
+            else:
+                out.append(completion_logps(model, mb, self.cfg.grpo.temperature, self.device))
+        return out
+
+    def update(self, rollouts: list[Rollout], prompts: list[PreparedPrompt]) -> dict[str, float]:
+        """num_iterations passes of mini_batches optimizer steps over this rollout batch."""
+        g = self.cfg.grpo
+        batches = self._micro_batches(rollouts, prompts)
+        need_old = g.num_iterations > 1 or g.mini_batches > 1
+        old = self._frozen_logps(batches, reference=False) if need_old else [None] * len(batches)
+        ref = self._frozen_logps(batches, reference=True) if g.beta > 0 else [None] * len(batches)
+        per_step = max(1, math.ceil(len(batches) / g.mini_batches))
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(g.num_iterations):
+            for start in range(0, len(batches), per_step):
+                chunk = list(range(start, min(start + per_step, len(batches))))
+                metrics = self._optimizer_step([batches[i] for i in chunk], [old[i] for i in chunk],
+                                               [ref[i] for i in chunk], rollouts)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def _optimizer_step(self, batches, olds, refs, rollouts) -> dict[str, float]:
+        g = self.cfg.grpo
+        n_seqs = sum(len(mb.rollout_indices) for mb in batches)
+        n_tokens = sum(float(mb.completion_mask.sum()) for mb in batches)
+        max_len = max(mb.max_completion for mb in batches)
+        sums: dict[str, float] = {}
+        for i, (mb, old, ref) in enumerate(zip(batches, olds, refs)):
+            adv = torch.tensor([rollouts[j].advantage for j in mb.rollout_indices], device=self.device)
+            sync = i == len(batches) - 1
+            ctx = self.acc.no_sync(self.model) if not sync else _nullcontext()
+            with ctx:
+                logps = completion_logps(self.model, mb, g.temperature, self.device)
+                loss, metrics = grpo_loss.policy_loss(
+                    logps, old, adv, mb.completion_mask.to(self.device), loss_type=g.loss_type, beta=g.beta,
+                    ref_logps=ref, eps_low=g.eps_low, eps_high=g.eps_high,
+                    rollout_logps=None if mb.rollout_logps is None else mb.rollout_logps.to(self.device),
+                    tis_cap=g.tis_cap, max_completion_length=max_len, num_items_in_batch=n_tokens,
+                    num_seqs_in_batch=n_seqs)
+                self.acc.backward(loss)
+            weight = len(mb.rollout_indices) / n_seqs
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * weight
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), g.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums["grad_norm"] = float(grad_norm)
+        sums["lr"] = self.scheduler.get_last_lr()[0]
+        return sums
+
+    def step(self) -> dict[str, float]:
+        """One GRPO step; returns its metrics."""
+        from trainer.monitor import Timer
+
+        cfg, g = self.cfg, self.cfg.grpo
+        timer = Timer()
+        per_rank = max(1, g.prompts_per_step // self.acc.num_processes)
+        with timer("prepare"):
+            idx = self.sampler.next(per_rank)
+            prompts = [prepare_prompt(self.examples[i], self.task, self.processor, prompt=cfg.data.train_prompt,
+                                      system=cfg.data.system_prompt, min_pixels=cfg.model.min_pixels,
+                                      max_pixels=cfg.model.max_pixels) for i in idx]
+        with timer("generate"):
+            self.ensure_server_synced()
+            rollouts = self.generate(prompts)
+        with timer("reward"):
+            metrics = self.score(rollouts, prompts)
+            metrics.update(self.advantages(rollouts))
+        with timer("update"):
+            metrics.update(self.update(rollouts, prompts))
+        self.step_index += 1
+        self.policy_version += 1
+        with timer("weight_sync"):
+            self.push_weights()
+        tokens = sum(len(prompts[r.prompt_index].input_ids) + len(r.completion_ids) for r in rollouts)
+        metrics.update({f"time/{k}": v for k, v in timer.totals.items()})
+        step_time = sum(timer.totals.values())
+        metrics["tokens_per_s"] = tokens * self.acc.num_processes / max(step_time, 1e-9)
+        metrics["completion_len"] = sum(len(r.completion_ids) for r in rollouts) / len(rollouts)
+        metrics["rejected_vision_tokens"] = sum(r.rejected for r in rollouts)
+        metrics["accuracy"] = metrics.get("reward/accuracy", 0.0)
+        metrics["format_rate"] = metrics.get("reward/format", 0.0)
+        metrics["policy_version"] = self.policy_version
+        return metrics
+
+    # ------------------------------------------------------------------ run / resume
+
+    def save(self) -> Path:
+        extra = {"step": self.step_index, "policy_version": self.policy_version, "sampler": self.sampler.state_dict()}
+        return self.ckpt.save(self.step_index, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, extra)
+
+    def resume(self) -> bool:
+        latest = self.ckpt.latest()
+        if latest is None:
+            return False
+        extra = self.ckpt.load(latest, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        self.step_index, self.policy_version = extra["step"], extra["policy_version"]
+        self.sampler.load_state_dict(extra["sampler"])
+        print(f"resumed GRPO from {latest} (step {self.step_index}, policy version {self.policy_version})")
+        return True
+
+    def run(self, monitor=None) -> None:
+        """Run to grpo.steps, checkpointing every K steps and on Ctrl-C."""
+        cfg = self.cfg
+        if cfg.checkpoint.resume:
+            self.resume()
+        self.push_weights()
+        try:
+            while self.step_index < cfg.grpo.steps:
+                metrics = self.step()
+                if self.eval_hook is not None and cfg.eval.every_steps and self.step_index % cfg.eval.every_steps == 0:
+                    metrics.update(self.eval_hook(self.client, self.step_index))
+                if monitor is not None and self.acc.is_main_process:
+                    monitor.log(self.step_index, metrics)
+                if self.step_index % cfg.checkpoint.every_steps == 0 or self.step_index == cfg.grpo.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            print(f"interrupted at step {self.step_index}: saving a checkpoint")
+            self.save()
+            raise
+
+    def export(self, out_dir: Path) -> Path:
+        from trainer.model_setup import export_hf
+
+        self.policy.model = self.acc.unwrap_model(self.model)
+        if self.acc.is_main_process:
+            export_hf(self.policy, out_dir)
+        self.acc.wait_for_everyone()
+        return out_dir
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

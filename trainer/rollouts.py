@@ -1,0 +1,180 @@
+"""Rollouts on the learner side: prompts out to the server, completions back into learner tensors.
+
+Used by trainer/grpo.py (`suzak train`). The learner rebuilds every prompt with its own processor from the same
+resized image the server saw, and checks that its token ids equal the server's: equal ids imply equal image grids
+and equal mrope positions on both sides, which the log-prob agreement depends on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from suzak.errors import SuzakError
+from suzak.tasks import Example, Task
+from suzak.wire import ChatMessage, GenerateRequest, GenerateResponse, Prompt, SamplingParams
+
+
+@dataclass
+class PreparedPrompt:
+    """One prompt as both sides see it: wire messages for the server, tensors for the learner."""
+
+    example: Example
+    messages: list[dict]
+    input_ids: list[int]
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+
+@dataclass
+class Rollout:
+    """One completion of one prompt, with everything the loss needs."""
+
+    prompt_index: int
+    completion_ids: list[int]
+    text: str
+    rollout_logps: list[float] | None
+    finish_reason: str | None
+    policy_version: int
+    rewards: dict[str, float] = field(default_factory=dict)
+    reward: float = 0.0
+    advantage: float = 0.0
+    rejected: bool = False
+    """True when the completion holds vision tokens: kept for group statistics, masked from the loss."""
+
+
+def prepare_prompt(example: Example, task: Task, processor, *, prompt: str, system: bool,
+                   min_pixels: int, max_pixels: int) -> PreparedPrompt:
+    """Resize the image to the pixel budget, send it as a data URL, and tokenize it the same way the server will."""
+    from vllm_server.images import encode_image_data_url, resize_to_budget
+
+    image = resize_to_budget(example.load_image(), min_pixels, max_pixels)
+    messages = task.messages(example, prompt=prompt, system=system, image_ref=encode_image_data_url(image))
+    hf_messages = [_to_hf_message(m) for m in messages]
+    text = processor.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[text], images=[image], return_tensors="pt")
+    return PreparedPrompt(example, messages, enc["input_ids"][0].tolist(), enc["pixel_values"], enc["image_grid_thw"])
+
+
+def _to_hf_message(message: dict) -> dict:
+    content = message["content"]
+    if isinstance(content, str):
+        return {"role": message["role"], "content": [{"type": "text", "text": content}]}
+    return {"role": message["role"], "content": [
+        {"type": "image"} if part["type"] == "image" else {"type": "text", "text": part["text"]} for part in content]}
+
+
+def generate_request(prompts: list[PreparedPrompt], *, n: int, temperature: float, top_p: float, top_k: int,
+                     max_tokens: int, seed: int | None) -> GenerateRequest:
+    return GenerateRequest(
+        prompts=[Prompt(messages=[ChatMessage.model_validate(m) for m in p.messages]) for p in prompts],
+        sampling=SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                                seed=seed, logprobs=True))
+
+
+def collect_rollouts(prompts: list[PreparedPrompt], response: GenerateResponse, *, vision_token_ids: set[int],
+                     check_prompt_ids: bool = True) -> list[Rollout]:
+    """Flatten the server's answer into rollouts (group-major), verifying prompt ids and rejecting vision tokens."""
+    if len(response.results) != len(prompts):
+        raise SuzakError(f"server answered {len(response.results)} prompts for {len(prompts)} sent")
+    rollouts = []
+    for i, (prep, result) in enumerate(zip(prompts, response.results)):
+        if check_prompt_ids and result.prompt_token_ids and result.prompt_token_ids != prep.input_ids:
+            raise SuzakError(
+                f"prompt {i}: the server tokenized the prompt differently from the learner "
+                f"({len(result.prompt_token_ids)} vs {len(prep.input_ids)} tokens). Image grids / mrope positions would "
+                f"differ; make sure server and learner use the same model folder and model.min_pixels/max_pixels")
+        for c in result.completions:
+            rejected = any(t in vision_token_ids for t in c.token_ids) or not c.token_ids
+            rollouts.append(Rollout(i, list(c.token_ids), c.text, c.logprobs, c.finish_reason, c.policy_version,
+                                    rejected=rejected))
+    return rollouts
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded learner inputs for a few rollouts; completion_mask marks the tokens the loss sees."""
+
+    rollout_indices: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    completion_mask: torch.Tensor
+    """[B, T] mask over positions whose *next* token is a completion token (aligned with logits[:, :-1])."""
+    targets: torch.Tensor
+    """[B, T] the next token at each position (aligned with the logits)."""
+    rollout_logps: torch.Tensor | None
+    max_completion: int
+
+
+def cut_micro_batches(rollouts: list[Rollout], prompts: list[PreparedPrompt], token_budget: int) -> list[list[int]]:
+    """Group rollout indices so each micro-batch's padded size (rows x longest row) stays within the token budget."""
+    lengths = [len(prompts[r.prompt_index].input_ids) + len(r.completion_ids) for r in rollouts]
+    order = sorted(range(len(rollouts)), key=lambda i: lengths[i])
+    batches, current, longest = [], [], 0
+    for idx in order:
+        new_longest = max(longest, lengths[idx])
+        if current and new_longest * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current, new_longest = [], lengths[idx]
+        current.append(idx)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches
+
+
+def build_micro_batch(indices: list[int], rollouts: list[Rollout], prompts: list[PreparedPrompt],
+                      pad_id: int, vision_token_ids: set[int]) -> MicroBatch:
+    rows, masks, targets, rlogps = [], [], [], []
+    for idx in indices:
+        r = rollouts[idx]
+        prompt_ids = prompts[r.prompt_index].input_ids
+        completion = [pad_id if t in vision_token_ids else t for t in r.completion_ids]
+        ids = prompt_ids + completion
+        rows.append(ids)
+        # Position p predicts token p+1: completion token j sits at len(prompt)+j, predicted at len(prompt)+j-1.
+        mask = [0.0] * (len(ids) - 1)
+        tgt = ids[1:]
+        if not r.rejected:
+            for j in range(len(completion)):
+                mask[len(prompt_ids) - 1 + j] = 1.0
+        masks.append(mask)
+        targets.append(tgt)
+        lp = [0.0] * (len(ids) - 1)
+        if r.rollout_logps is not None:
+            for j, v in enumerate(r.rollout_logps[: len(completion)]):
+                lp[len(prompt_ids) - 1 + j] = float(v)
+        rlogps.append(lp)
+    width = max(len(x) for x in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    comp_mask = torch.zeros((len(rows), width - 1))
+    tgt_t = torch.full((len(rows), width - 1), pad_id, dtype=torch.long)
+    rlp_t = torch.zeros((len(rows), width - 1))
+    for b, ids in enumerate(rows):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        attention[b, : len(ids)] = 1
+        comp_mask[b, : len(masks[b])] = torch.tensor(masks[b])
+        tgt_t[b, : len(targets[b])] = torch.tensor(targets[b])
+        rlp_t[b, : len(rlogps[b])] = torch.tensor(rlogps[b])
+    prompt_idx = [rollouts[i].prompt_index for i in indices]
+    pixel_values = torch.cat([prompts[p].pixel_values for p in prompt_idx], dim=0)
+    grids = torch.cat([prompts[p].image_grid_thw for p in prompt_idx], dim=0)
+    has_rollout_lp = all(rollouts[i].rollout_logps is not None for i in indices)
+    return MicroBatch(indices, input_ids, attention, pixel_values, grids, comp_mask, tgt_t,
+                      rlp_t if has_rollout_lp else None, max(len(rollouts[i].completion_ids) for i in indices))
+
+
+def vision_token_ids(config) -> set[int]:
+    """Token ids that must never appear inside a completion (they would need image features the learner lacks)."""
+    ids = set()
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        value = getattr(config, name, None)
+        if value is None and hasattr(config, "text_config"):
+            value = getattr(config.text_config, name, None)
+        if value is not None:
+            ids.add(int(value))
+    return ids
