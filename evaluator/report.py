@@ -56,7 +56,8 @@ table.sum{border-collapse:collapse;margin-bottom:1em}table.sum td,table.sum th{b
 .card.right{border-color:#2e9d47}.card.wrong{border-color:#d33}
 .card img{max-width:100%;display:block;margin:0 auto 6px}
 .verdict.right{color:#2e9d47;font-weight:bold}.verdict.wrong{color:#d33;font-weight:bold}
-pre{white-space:pre-wrap;word-break:break-word;background:#f3f3f3;padding:4px;max-height:14em;overflow:auto;margin:4px 0}
+pre{white-space:pre-wrap;word-break:break-word;background:#f3f3f3;padding:4px;max-height:14em;overflow:auto;
+margin:4px 0}
 body.only-wrong .card.right{display:none}
 """
 
@@ -64,7 +65,8 @@ body.only-wrong .card.right{display:none}
 def _card(record: dict, image) -> str:
     e = html.escape
     verdict = "right" if record["correct"] else "wrong"
-    img = f'<img src="{thumbnail_data_url(image)}" alt="">' if image is not None else "<p><i>image not available</i></p>"
+    img = (f'<img src="{thumbnail_data_url(image)}" alt="">' if image is not None
+           else "<p><i>image not available</i></p>")
     extracted = "—" if record["extracted"] is None else e(str(record["extracted"]))
     return (
         f'<div class="card {verdict}">{img}'
@@ -123,11 +125,11 @@ def print_table(summary: dict, references=(), console=None) -> None:
     console = console or Console()
     lo, hi = summary["ci95"]
     f = summary["failures"]
-    table = Table(title=f"suzak eval {summary['benchmark']}  (scoring={summary['scoring']}, prompt={summary['prompt']}, "
-                        f"max_new_tokens={summary['max_new_tokens']})")
+    table = Table(title=f"suzak eval {summary['benchmark']}  (scoring={summary['scoring']}, "
+                        f"prompt={summary['prompt']}, max_new_tokens={summary['max_new_tokens']})")
     for col in ("model", "n", "accuracy", "95% CI", "no_tag", "unparsable", "wrong"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    table.add_row(f"[bold]{summary['model']}[/bold] (this run)", str(summary["n"]),
+    table.add_row(f"[bold]{summary['model']}[/bold]", str(summary["n"]),
                   f"[bold]{100 * summary['accuracy']:.2f}%[/bold]", f"{100 * lo:.1f}–{100 * hi:.1f}%",
                   str(f["no_tag"]), str(f["unparsable"]), str(f["wrong"]))
     console.print(table)

@@ -90,7 +90,13 @@ class ModelInfo(Wire):
     max_pixels: int
     dtype: str
     transports: list[str]
+    """Weight transports the server accepts: always 'files', plus 'ipc' or 'nccl' when vLLM's weight transfer is on."""
     sleeping: bool = False
+    can_sleep: bool = False
+    """Whether POST /sleep frees memory (vLLM sleep mode on a GPU, server.sleep_during_update=true)."""
+    gpu_uuids: list[str] = []
+    """NVML UUIDs of the server's GPUs; the learner picks the ipc transport only when it sits on one of them."""
+    max_images_per_prompt: int = 4
 
 
 class WeightUpdateRequest(Wire):
@@ -102,12 +108,37 @@ class WeightUpdateRequest(Wire):
     """files: the folder holding the safetensors shards."""
     payload: dict | None = None
     """ipc / nccl: transport-specific update_info (names, dtypes, shapes, handles)."""
+    begin: bool = True
+    """First message of the push: the server pauses generation (clearing its caches) and opens the update."""
+    end: bool = True
+    """Last message of the push: the server closes the update, sets `version` and resumes generation.
+    A push in several chunks (packed ipc buckets) sends begin=true on the first and end=true on the last."""
 
 
 class WeightUpdateResponse(Wire):
     policy_version: int
     seconds: float
     tensors: int
+    timings: dict[str, float] = {}
+    """Server-side seconds per phase: pause, load, finish, resume."""
+
+
+class TransportInitRequest(Wire):
+    """One-time set-up of a weight transport (POST /weights/init) before the first push."""
+
+    transport: Literal["files", "ipc", "nccl"]
+    init_info: dict = {}
+    """ipc: {"packed": bool}; nccl: {"master_address", "master_port", "world_size", "packed", ...}; files: {}."""
+
+
+class SleepRequest(Wire):
+    level: int = Field(1, ge=1, le=2)
+    """1: offload weights to CPU and drop the KV cache; 2: drop the weights too (push new ones before waking)."""
+
+
+class WakeRequest(Wire):
+    tags: list[str] | None = None
+    """What to wake: ["weights"], ["kv_cache"], or everything (null)."""
 
 
 class ErrorResponse(Wire):

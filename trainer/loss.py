@@ -220,6 +220,104 @@ def per_token_logps_from_logits(
     return selective_log_softmax(logits, labels.masked_fill(~valid, 0), temperature, valid, chunk)
 
 
+class _ChunkedHeadLogProbs(torch.autograd.Function):
+    """log_softmax((hidden @ W.T + b) / T).gather(labels), projecting `chunk` tokens at a time.
+
+    Unlike head(...) followed by selective_log_softmax, nothing of size [tokens, vocab] is kept for backward: the
+    backward re-projects each chunk (the same recompute TRL 1.16's fused LM head does), so a micro-batch of 16k
+    completion tokens with Qwen's 152k vocab saves ~5 GB of bf16 logits at the cost of one more head matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, valid, temperature, chunk):
+        device_type = hidden.device.type
+        # Run the head in the autocast dtype if autocast is on, then stay out of autocast so that the backward's
+        # recomputed logits are bit-identical to the forward's.
+        compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        work = torch.float64 if compute == torch.float64 else torch.float32
+        out = torch.zeros(labels.shape, dtype=work, device=hidden.device)
+        lse = torch.zeros(labels.shape, dtype=work, device=hidden.device)
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            for start in range(0, labels.shape[0], chunk):
+                end = min(start + chunk, labels.shape[0])
+                logits = _project(hidden[start:end], weight, bias, compute).to(work) / temperature
+                lse[start:end] = torch.logsumexp(logits, dim=-1)
+                out[start:end] = logits.gather(-1, labels[start:end, None]).squeeze(-1) - lse[start:end]
+            out.masked_fill_(~valid, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, labels, valid, lse)
+        ctx.temperature, ctx.chunk, ctx.compute = temperature, chunk, compute
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels, valid, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        temperature, compute = ctx.temperature, ctx.compute
+        grad = grad_out.to(lse.dtype) * valid
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Weight/bias gradients sum over chunks: accumulate in float32 at least, as TRL's kernel does.
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, labels.shape[0], ctx.chunk):
+                end = min(start + ctx.chunk, labels.shape[0])
+                g = grad[start:end]
+                logits = _project(hidden[start:end], weight, bias, compute).to(lse.dtype) / temperature
+                dlogits = torch.exp(logits - lse[start:end, None]) * -g[:, None]
+                dlogits.scatter_add_(-1, labels[start:end, None], g[:, None])
+                dlogits = dlogits / temperature
+                if need_hidden:
+                    grad_hidden[start:end] = (dlogits.to(compute) @ weight.to(compute)).to(hidden.dtype)
+                if need_weight:
+                    grad_weight += (dlogits.to(compute).t() @ hidden[start:end].to(compute)).to(acc)
+                if need_bias:
+                    grad_bias += dlogits.sum(0).to(acc)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None, compute: torch.dtype) -> Tensor:
+    return torch.nn.functional.linear(
+        hidden.to(compute), weight.to(compute), None if bias is None else bias.to(compute)
+    )
+
+
+def per_token_logps_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    chunk: int = DEFAULT_LOGP_CHUNK,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Log-prob of each label under softmax((hidden @ weight.T + bias) / temperature) without keeping logits.
+
+    hidden [..., H] (last hidden states aligned with labels [...]), weight [V, H] (lm_head.weight, frozen or
+    trainable; a LoRA-wrapped lm_head is not supported). Same values as per_token_logps_from_logits on the
+    projected logits, float32 (float64 for float64 inputs); `ignore_index` labels give 0 and no gradient.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if hidden.shape[:-1] != labels.shape or hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and labels {tuple(labels.shape)} "
+            "must be [..., H], [V, H] and [...]"
+        )
+    valid = labels != ignore_index
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.masked_fill(~valid, 0).reshape(-1).long()
+    out = _ChunkedHeadLogProbs.apply(
+        flat_hidden, weight, bias, flat_labels, valid.reshape(-1), float(temperature), int(chunk)
+    )
+    return out.reshape(labels.shape)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Policy loss
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
         print(s.problem, s.answer)      # "How many items are there in the image?" "7"
 
 Every sample is a pure function of (seed, index, parameters), so datasets can be generated in parallel and
-any single item regenerated later. Write whole datasets with `python -m suzak.synth.writers --help`.
+any single item regenerated later. Write whole datasets with `suzak data synth --help` (suzak.synth.writers).
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from PIL import Image
 
 @dataclass
 class SynthSample:
-    """One generated problem. answer is the bare value ("3", "140°", "\\frac{12}{5}"); thinking is "<think> ... </think>"."""
+    """One generated problem.
+
+    answer is the bare value ("3", "140°", "\\frac{12}{5}"); thinking is "<think> ... </think>"; problem is the
+    question without any prompt template (suzak.tasks adds R1-V's prompt).
+    """
 
     image: Image.Image
     problem: str

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -66,7 +66,8 @@ CUBE_ROTATIONS = 9  # rotation bins over the cube's 90 degree symmetry
 _SS = 2  # supersampling factor for anti-aliased edges
 _CUBE_HALF = 0.75  # cube half-side as a fraction of the size radius (CLEVR shrinks cubes similarly)
 _CYL_HEIGHT = 1.9  # cylinder height as a multiple of its radius
-_LIGHT = np.array([-0.45, 0.8, -0.4]) / np.linalg.norm([-0.45, 0.8, -0.4])
+_LIGHT = (np.array([-0.45, 0.8, -0.4]) / np.linalg.norm([-0.45, 0.8, -0.4])).astype(np.float32)
+_SOFTBOX = np.array([-0.55, -0.83], dtype=np.float32)  # horizontal (x, z) direction of the metal-only softbox
 _MIN_VISIBLE = 0.5
 _MAX_SCENE_TRIES = 60
 _MAX_OBJECT_TRIES = 80
@@ -137,33 +138,36 @@ class Patch:
 
 # ----------------------------------------------------------------------------------------------- shading
 def _view_dir(pitch: float) -> np.ndarray:
-    return np.array([0.0, math.sin(pitch), -math.cos(pitch)])
+    return np.array([0.0, math.sin(pitch), -math.cos(pitch)], dtype=np.float32)
 
 
-def _shade(normals: np.ndarray, mask: np.ndarray, material: str, pitch: float, ys: np.ndarray) -> tuple:
-    """Per-pixel diffuse factor (multiplies the colour) and white specular, both zero outside mask."""
+def _shade(normals: np.ndarray, mask: np.ndarray, material: str, pitch: float, band: np.ndarray | float) -> tuple:
+    """Per-pixel diffuse factor (multiplies the colour) and white specular, both zero outside mask.
+
+    band is an extra glossy streak for flat metal faces (0 for curved shapes, which get highlights anyway).
+    """
     view = _view_dir(pitch)
     lambert = np.clip(normals @ _LIGHT, 0.0, None)
-    half = (_LIGHT + view) / np.linalg.norm(_LIGHT + view)
-    n_dot_h = np.clip(normals @ half, 0.0, None)
-    if material == "metal":
-        # A mirror-like surface shows the bright sky where its reflection points upward.
-        n_dot_v = normals @ view
-        reflect_up = 2 * n_dot_v * normals[..., 1] - view[1]
-        sky = np.clip(reflect_up, 0.0, 1.0)
-        gradient = 0.12 * (1.0 - ys)  # cheap environment variation so flat faces still look glossy
-        diffuse = 0.12 + 0.5 * lambert + 0.45 * sky + gradient
-        specular = 0.85 * n_dot_h**60 + 0.15 * n_dot_h**8
-    else:
-        diffuse = 0.38 + 0.72 * lambert
-        specular = 0.06 * n_dot_h**6
+    if material != "metal":
+        half = (_LIGHT + view) / np.linalg.norm(_LIGHT + view)
+        specular = 0.06 * np.clip(normals @ half, 0.0, None) ** 6
+        return (0.38 + 0.72 * lambert) * mask, specular * mask
+    # Metal is faked as a mirror of a studio: bright sky above, gray floor below, the key light as a sharp
+    # spot and a tall softbox to the front-left that puts a streak on vertical sides and lights some cube faces.
+    reflect = 2 * (normals @ view)[..., None] * normals - view
+    sky = np.clip(reflect[..., 1], 0.0, 1.0)
+    key = np.clip(reflect @ _LIGHT, 0.0, None) ** 40
+    flat = reflect[..., [0, 2]] / (np.linalg.norm(reflect[..., [0, 2]], axis=-1, keepdims=True) + 1e-6)
+    softbox = np.clip(flat @ _SOFTBOX, 0.0, None) ** 12 * (1.0 - sky)
+    diffuse = 0.1 + 0.35 * lambert + 0.55 * sky + 0.5 * softbox + 0.3 * band
+    specular = 0.9 * key + 0.35 * softbox + 0.45 * band
     return diffuse * mask, specular * mask
 
 
 def _grid(x0: float, y0: float, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     """Supersampled pixel-centre coordinates (local screen px) of a w x h patch whose corner is (x0, y0)."""
-    xs = x0 + (np.arange(w * _SS) + 0.5) / _SS
-    ys = y0 + (np.arange(h * _SS) + 0.5) / _SS
+    xs = x0 + (np.arange(w * _SS, dtype=np.float32) + 0.5) / _SS
+    ys = y0 + (np.arange(h * _SS, dtype=np.float32) + 0.5) / _SS
     return np.meshgrid(xs, ys)
 
 
@@ -213,8 +217,9 @@ def _sphere_normals(x, y, radius_px, pitch):
     rr = u * u + v * v
     mask = rr <= 1.0
     nz = np.sqrt(np.clip(1.0 - rr, 0.0, None))
-    up = np.array([0.0, math.cos(pitch), math.sin(pitch)])
-    normals = u[..., None] * np.array([1.0, 0, 0]) - v[..., None] * up + nz[..., None] * _view_dir(pitch)
+    up = np.array([0.0, math.cos(pitch), math.sin(pitch)], dtype=np.float32)
+    right = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    normals = u[..., None] * right - v[..., None] * up + nz[..., None] * _view_dir(pitch)
     return normals, mask
 
 
@@ -227,7 +232,7 @@ def _cylinder_normals(x, y, radius_px, pitch):
     top = ((x / radius_px) ** 2 + ((y - top_y) / max(ry, 1e-6)) ** 2) <= 1.0
     body = in_width & (y >= top_y) & (y <= front_curve)
     side = np.stack([u, np.zeros_like(u), -np.sqrt(1.0 - u * u)], axis=-1)
-    normals = np.where(top[..., None], np.array([0.0, 1.0, 0.0]), side)
+    normals = np.where(top[..., None], np.array([0.0, 1.0, 0.0], dtype=np.float32), side)
     return normals, top | body
 
 
@@ -246,19 +251,26 @@ def _cube_normals(x0, y0, w, h, radius_px, pitch, rotation):
     for k, (idx, _) in enumerate(faces, start=1):
         draw.polygon([tuple(screen[i]) for i in idx], fill=k)
     id_arr = np.asarray(ids)
-    lut = np.zeros((len(faces) + 1, 3))
+    lut = np.zeros((len(faces) + 1, 3), dtype=np.float32)
     for k, (_, normal) in enumerate(faces, start=1):
         lut[k] = normal
     return lut[id_arr], id_arr > 0
 
 
-@lru_cache(maxsize=2048)
+@lru_cache(maxsize=8192)
+def _frame(shape: str, size: str, depth: float, rotation: int, cam: Camera) -> tuple[int, int, int, int]:
+    """Pixel frame (x0, y0, w, h) of an object's patch relative to its ground point; cheap, used for layout."""
+    left, top, right, bottom = _extent(shape, SIZES[size] * cam.scale(depth), cam.pitch(depth), rotation)
+    x0, y0 = math.floor(left) - 1, math.floor(top) - 1
+    return x0, y0, math.ceil(right) + 1 - x0, math.ceil(bottom) + 1 - y0
+
+
+# Large enough to hold every (shape, size, material, depth, rotation) at one image size (~2.7k patches).
+@lru_cache(maxsize=3072)
 def _patch(shape: str, size: str, material: str, depth: float, rotation: int, cam: Camera) -> Patch:
     radius_px = SIZES[size] * cam.scale(depth)
     pitch = cam.pitch(depth)
-    left, top, right, bottom = _extent(shape, radius_px, pitch, rotation)
-    x0, y0 = math.floor(left) - 1, math.floor(top) - 1
-    w, h = math.ceil(right) + 1 - x0, math.ceil(bottom) + 1 - y0
+    x0, y0, w, h = _frame(shape, size, depth, rotation, cam)
     x, y = _grid(x0, y0, w, h)
     if shape == "sphere":
         normals, mask = _sphere_normals(x, y, radius_px, pitch)
@@ -266,8 +278,10 @@ def _patch(shape: str, size: str, material: str, depth: float, rotation: int, ca
         normals, mask = _cylinder_normals(x, y, radius_px, pitch)
     else:
         normals, mask = _cube_normals(x0, y0, w, h, radius_px, pitch, rotation)
-    ys = (y - y0) / h
-    diffuse, specular = _shade(normals, mask, material, pitch, ys)
+    band = 0.0
+    if shape == "cube":  # a diagonal reflection streak is what makes a flat face read as polished
+        band = np.exp(-((((x - x0) / w) + 0.7 * ((y - y0) / h) - 0.75) / 0.12) ** 2)
+    diffuse, specular = _shade(normals, mask, material, pitch, band)
     alpha, diffuse, specular = _downsample(mask.astype(np.float32), diffuse, specular)
     return Patch(alpha, diffuse, specular, x0, y0)
 
@@ -289,7 +303,7 @@ def _shadow(shape: str, size: str, depth: float, cam: Camera) -> Patch:
     q = ((xs[None, :] - cx) / rx) ** 2 + ((ys[:, None] - cy) / ry) ** 2
     alpha = (0.5 * np.clip(1.0 - q, 0.0, 1.0) ** 1.5).astype(np.float32)
     alpha.flags.writeable = False
-    return Patch(alpha, alpha, alpha, x0, y0)
+    return Patch(alpha, alpha, alpha, x0, y0)  # only alpha is read for shadows
 
 
 @lru_cache(maxsize=8)
@@ -309,10 +323,9 @@ def _placement(obj: SceneObject, cam: Camera) -> tuple[int, int]:
 
 
 def _bbox(obj: SceneObject, cam: Camera) -> tuple[int, int, int, int]:
-    patch = _patch(obj.shape, obj.size, obj.material, obj.depth, obj.rotation, cam)
+    x0, y0, w, h = _frame(obj.shape, obj.size, obj.depth, obj.rotation, cam)
     gx, gy = _placement(obj, cam)
-    h, w = patch.alpha.shape
-    return gx + patch.ox, gy + patch.oy, gx + patch.ox + w, gy + patch.oy + h
+    return gx + x0, gy + y0, gx + x0 + w, gy + y0 + h
 
 
 def _overlap(a: tuple, b: tuple) -> int:
@@ -365,20 +378,24 @@ def _back_to_front(objects: list[SceneObject]) -> list[int]:
 
 def _visible_fractions(objects: list[SceneObject], cam: Camera) -> list[float]:
     """Share of each object's silhouette left uncovered once nearer objects are drawn over it."""
-    labels = np.zeros((cam.height, cam.width), dtype=np.int16)
-    areas = [0] * len(objects)
+    labels = np.zeros((cam.height, cam.width), dtype=np.uint8)
+    solids, boxes = {}, {}
     for k in _back_to_front(objects):
         obj = objects[k]
         patch = _patch(obj.shape, obj.size, obj.material, obj.depth, obj.rotation, cam)
-        x0, y0, x1, y1 = _bbox(obj, cam)
-        solid = patch.alpha > 0.5
-        areas[k] = int(solid.sum())
-        labels[y0:y1, x0:x1][solid] = k + 1
-    seen = np.bincount(labels.ravel(), minlength=len(objects) + 1)
-    return [float(seen[k + 1]) / max(areas[k], 1) for k in range(len(objects))]
+        x0, y0, x1, y1 = boxes[k] = _bbox(obj, cam)
+        solids[k] = patch.alpha > 0.5
+        labels[y0:y1, x0:x1][solids[k]] = k + 1
+    fractions = []
+    for k in range(len(objects)):
+        x0, y0, x1, y1 = boxes[k]
+        seen = np.count_nonzero(labels[y0:y1, x0:x1][solids[k]] == k + 1)
+        fractions.append(seen / max(int(np.count_nonzero(solids[k])), 1))
+    return fractions
 
 
 def sample_layout(rng: np.random.Generator, count: int, split: str, cam: Camera) -> tuple[list, list[float]]:
+    """count non-intersecting objects inside the image, each at least half visible; retries whole scenes."""
     for _ in range(_MAX_SCENE_TRIES):
         objects = _try_layout(rng, count, split, cam)
         if objects is None:
@@ -412,6 +429,7 @@ def _composite(canvas: np.ndarray, patch: Patch, gx: int, gy: int, rgb: np.ndarr
 
 
 def render_scene(objects: list[SceneObject], cam: Camera, brightness: float = 1.0) -> Image.Image:
+    """Floor, then every shadow, then objects back to front so nearer ones occlude further ones."""
     canvas = _floor(cam) * np.float32(brightness)
     for obj in objects:
         _composite(canvas, _shadow(obj.shape, obj.size, obj.depth, cam), *_placement(obj, cam), None)
@@ -480,8 +498,8 @@ def _check_params(i, seed, split, min_objects, max_objects, image_size, total_co
     if not (1 <= min_objects <= max_objects <= 16):
         raise SuzakError(f"need 1 <= min_objects <= max_objects <= 16, got min={min_objects} max={max_objects}")
     w, h = image_size
-    if w < 64 or h < 48:
-        raise SuzakError(f"CLEVR image_size must be at least (64, 48), got {tuple(image_size)}")
+    if w < 28 or h < 28:
+        raise SuzakError(f"CLEVR image_size must be at least 28x28 pixels, got {tuple(image_size)}")
     if not 0.0 <= total_count_fraction <= 1.0:
         raise SuzakError(f"total_count_fraction must be in [0, 1], got {total_count_fraction}")
 
@@ -515,7 +533,7 @@ def clevr_sample(
         "filters": filters or {},
         "count": answer,
         "objects": [
-            {**asdict(o), "bbox": list(_bbox(o, cam)), "visible_fraction": round(v, 3)}
+            {**vars(o), "bbox": list(_bbox(o, cam)), "visible_fraction": round(v, 3)}
             for o, v in zip(objects, visible)
         ],
     }

@@ -112,7 +112,6 @@ def triangle_angle_sum(rng: np.random.Generator) -> GeoProblem:
     pa, pb, pc = _triangle_from_angles(b, angles["C"])
     asked = _pick(rng, "ABC")
     g1, g2 = [v for v in "ABC" if v != asked]
-    others = [v for v in "ABC" if v != asked]
     ans = angles[asked]
     fig = Figure({"A": pa, "B": pb, "C": pc}, [("A", "B"), ("B", "C"), ("C", "A")])
     return GeoProblem(
@@ -126,8 +125,8 @@ def triangle_angle_sum(rng: np.random.Generator) -> GeoProblem:
             f"In triangle ABC, angle {asked} = 180° - angle {g1} - angle {g2} = 180° - {angles[g1]}° - "
             f"{angles[g2]}° = {ans}°.",
         ],
-        [Fraction(180 - ans), Fraction(abs(angles[g1] - angles[g2])), Fraction(ans + 10), Fraction(90 - ans // 2)],
-        _angle_q(asked, *others),
+        [Fraction(180 - ans), Fraction(ans + 10), Fraction(ans - 10), Fraction(2 * ans)],
+        _angle_q(asked, g1, g2),
         {f"angle {g1}": angles[g1], f"angle {g2}": angles[g2]},
         {"triangle_angles": angles},
     )
@@ -135,9 +134,7 @@ def triangle_angle_sum(rng: np.random.Generator) -> GeoProblem:
 
 def isosceles(rng: np.random.Generator) -> GeoProblem:
     base = _multiple_of_5(rng, 25, 80)
-    apex = 180 - 2 * base
-    if apex % 2:  # keep the base angle an integer when it is the unknown
-        base, apex = base + 5, apex - 10
+    apex = 180 - 2 * base  # even, so the base angle is a whole number when it is the unknown
     pa = _pt(0, math.tan(math.radians(base)))
     fig = Figure({"A": pa, "B": _pt(-1, 0), "C": _pt(1, 0)}, [("A", "B"), ("B", "C"), ("C", "A")])
     fig.ticks = [("A", "B"), ("A", "C")]
@@ -162,7 +159,7 @@ def isosceles(rng: np.random.Generator) -> GeoProblem:
         Fraction(ans),
         "°",
         steps,
-        [Fraction(180 - ans), Fraction(ans // 2), Fraction(90 - ans // 2), Fraction(ans + 20)],
+        [Fraction(180 - ans), Fraction(180 - 2 * ans), Fraction(90 - ans), Fraction(ans + 10)],
         asked,
         given,
         {"triangle_angles": angles},
@@ -187,7 +184,7 @@ def exterior_angle(rng: np.random.Generator) -> GeoProblem:
             f"B, C and D lie on one line, so angle ACD = 180° - angle ACB = 180° - {c}° = {ans}°,",
             "which is the sum of the two remote interior angles A and B.",
         ],
-        [Fraction(c), Fraction(180 - a), Fraction(abs(a - b)), Fraction(ans - 10)],
+        [Fraction(c), Fraction(180 - a), Fraction(ans + 10), Fraction(ans - 10)],
         _angle_q("C", "A", "D"),
         {"angle A": a, "angle B": b},
         {"triangle_angles": {"A": a, "B": b, "C": c}},
@@ -232,7 +229,7 @@ def parallel_lines(rng: np.random.Generator) -> GeoProblem:
         Fraction(ans),
         "°",
         steps,
-        [Fraction(180 - ans), Fraction(90 - ans // 2), Fraction(abs(90 - ans)), Fraction(ans + 10)],
+        [Fraction(180 - ans), Fraction(ans - 20), Fraction(ans + 10), Fraction(ans - 10)],
         _angle_q(*_AT_F[n2][:3]),
         {"angle 1": v1, "angle 1 is": n1, "angle 2 is": n2},
     )
@@ -266,7 +263,7 @@ def inscribed_angle(rng: np.random.Generator) -> GeoProblem:
         Fraction(ans),
         "°",
         steps,
-        [Fraction(180 - ans), Fraction(ans * 2 if ans < 90 else ans // 2), Fraction(90 - ans // 2), Fraction(ans + 10)],
+        [Fraction(180 - ans), Fraction(ans * 2 if ans < 90 else ans // 2), Fraction(90 - ans), Fraction(ans + 10)],
         asked,
         {given[0]: given[1]},
     )
@@ -324,7 +321,7 @@ def radius_isosceles(rng: np.random.Generator) -> GeoProblem:
 
 
 def intersecting_lines(rng: np.random.Generator) -> GeoProblem:
-    x = _multiple_of_5(rng, 15, 75)
+    x = _multiple_of_5(rng, 20, 70)
     o = _pt(0, 0)
     pts = {"O": o, "A": _pt(-1.3, 0), "B": _pt(1.3, 0), "E": _pt(0, 1.1),
            "C": _on_circle(o, 1.2, 90 + x), "D": _on_circle(o, 1.2, 270 + x)}  # fmt: skip
@@ -355,7 +352,7 @@ def intersecting_lines(rng: np.random.Generator) -> GeoProblem:
     )
 
 
-_TRIPLES = ((3, 4, 5), (5, 12, 13), (8, 15, 17), (7, 24, 25), (20, 21, 29), (6, 8, 10), (9, 12, 15))
+_TRIPLES = ((3, 4, 5), (5, 12, 13), (8, 15, 17), (20, 21, 29), (6, 8, 10), (9, 12, 15), (15, 20, 25))
 
 
 def _right_triangle(rng: np.random.Generator) -> tuple[int, int, int, dict]:
@@ -493,6 +490,7 @@ class _Canvas:
         self.draw = ImageDraw.Draw(self.image)
         self.line = max(2, round(self.h / 150))
         self.font = _font(max(10, round(self.h * 0.06)))
+        self.occupied: list[np.ndarray] = []  # centres of text already drawn
 
     def px(self, name_or_point) -> np.ndarray:
         p = self.fig.points[name_or_point] if isinstance(name_or_point, str) else name_or_point
@@ -513,6 +511,7 @@ class _Canvas:
         self.draw.arc([v[0] - r, v[1] - r, v[0] + r, v[1] + r], start, end, fill="black", width=self.line)
         mid = math.radians(start + ((end - start) % 360) / 2)
         pos = v + 1.9 * r * np.array([math.cos(mid), math.sin(mid)])
+        self.occupied.append(pos)
         self.draw.text(tuple(pos), text, fill="black", font=self.font, anchor="mm")
 
     def right_mark(self, vertex: str, arm1: str, arm2: str) -> None:
@@ -538,6 +537,10 @@ class _Canvas:
                     dirs.append(self.px(b) - here)
                 elif self._on_segment(name, a, b):
                     dirs.append(self.px(b) - here)
+        for vertex, arm1, arm2, *_ in self.fig.angle_marks + self.fig.right_marks:
+            if vertex == name:  # keep the label off the angle's arc and its number
+                u1, u2 = (self.px(a) - here for a in (arm1, arm2))
+                dirs.append(u1 / np.linalg.norm(u1) + u2 / np.linalg.norm(u2))
         for center, radius in self.fig.circles:
             radial = here - self.px(center)
             if abs(np.linalg.norm(radial) - radius * self.scale) < 2 * _SS:
@@ -545,7 +548,11 @@ class _Canvas:
         if not dirs:
             return np.array([0.0, 1.0])
         angles = sorted(math.atan2(d[1], d[0]) for d in dirs)
-        gaps = [(angles[(k + 1) % len(angles)] - angles[k]) % (2 * math.pi) or 2 * math.pi for k in range(len(angles))]
+        if len(angles) == 1:
+            return -dirs[0] / np.linalg.norm(dirs[0])
+        gaps = [(angles[(k + 1) % len(angles)] - angles[k]) % (2 * math.pi) for k in range(len(angles))]
+        if max(gaps) < 1e-9:  # every line leaves in the same direction
+            return -dirs[0] / np.linalg.norm(dirs[0])
         k = int(np.argmax(gaps))
         mid = angles[k] + gaps[k] / 2
         return np.array([math.cos(mid), math.sin(mid)])
@@ -556,13 +563,30 @@ class _Canvas:
         t = float((p - pa) @ ab) / float(ab @ ab)
         return 0.0 < t < 1.0 and np.linalg.norm(pa + t * ab - p) < 1e-6 * max(1.0, float(np.linalg.norm(ab)))
 
+    def _clearance(self, pos: np.ndarray) -> float:
+        """Distance from a label centre to the nearest line, circle, other text or image edge."""
+        gaps = [pos[0], pos[1], self.w - pos[0], self.h - pos[1]]
+        for p, q in self.fig.segments:
+            a, b = self.px(p), self.px(q)
+            t = np.clip(float((pos - a) @ (b - a)) / float((b - a) @ (b - a)), 0.0, 1.0)
+            gaps.append(float(np.linalg.norm(a + t * (b - a) - pos)))
+        for center, radius in self.fig.circles:
+            gaps.append(abs(float(np.linalg.norm(pos - self.px(center))) - radius * self.scale))
+        gaps += [float(np.linalg.norm(pos - other)) for other in self.occupied]
+        return min(gaps)
+
     def labels(self) -> None:
+        offset = self.font.size * 0.85
+        candidates = [np.array([math.cos(a), math.sin(a)]) for a in np.linspace(0, 2 * math.pi, 24, endpoint=False)]
         for name in self.fig.points:
-            pos = self.px(name) + self._label_direction(name) * self.font.size * 0.85
+            here, preferred = self.px(name), self._label_direction(name)
+            # The widest-gap direction is a good default; clearance scoring fixes labels that hit distant lines.
+            best = max(candidates, key=lambda d: self._clearance(here + d * offset) + 0.3 * offset * (d @ preferred))
+            pos = here + best * offset
+            self.occupied.append(pos)
             self.draw.text(tuple(pos), name, fill="black", font=self.font, anchor="mm")
             dot = self.line * 1.2
-            c = self.px(name)
-            self.draw.ellipse([c[0] - dot, c[1] - dot, c[0] + dot, c[1] + dot], fill="black")
+            self.draw.ellipse([here[0] - dot, here[1] - dot, here[0] + dot, here[1] + dot], fill="black")
 
     def finish(self, size: tuple[int, int]) -> Image.Image:
         return self.image.resize(size, Image.Resampling.LANCZOS)
@@ -588,8 +612,8 @@ def render_figure(fig: Figure, size: tuple[int, int]) -> Image.Image:
 def _check_params(i, seed, image_size, templates) -> list[str]:
     if not (isinstance(seed, int) and seed >= 0 and isinstance(i, int) and i >= 0):
         raise SuzakError(f"geo seed and index must be non-negative integers, got seed={seed!r} index={i!r}")
-    if image_size[0] < 96 or image_size[1] < 72:
-        raise SuzakError(f"geo image_size must be at least (96, 72), got {tuple(image_size)}")
+    if image_size[0] < 28 or image_size[1] < 28:
+        raise SuzakError(f"geo image_size must be at least 28x28 pixels, got {tuple(image_size)}")
     names = list(TEMPLATES) if templates is None else list(templates)
     unknown = [t for t in names if t not in TEMPLATES]
     if unknown or not names:

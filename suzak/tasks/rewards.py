@@ -33,7 +33,7 @@ VERIFY_TIMEOUT_S = 3
 # (power towers, huge literals, big factorials, sums/products/integrals) is not handed to math_verify.
 _RISKY_WITHOUT_TIMEOUT = re.compile(
     r"\^\s*\{[^{}]*\^"  # nested exponent: 9^{9^{9}}
-    r"|\^\s*\(?\s*\d+\s*\)?\s*\^"  # chained exponent: 9^9^9
+    r"|\^\s*\(?\s*\d+\s*\)?\s*\^\s*[({]?\s*\d"  # chained exponent: 9^9^9 (not the unit "cm^2^")
     r"|\*\*[^*]*\*\*"  # python power chain: 9**9**9
     r"|\d{40,}"  # huge literal
     r"|\d{3,}\s*!"  # big factorial
@@ -99,7 +99,8 @@ def extract_answer(text: str) -> str | None:
     """Stripped content of the first <answer>...</answer> pair, or None when there is no complete pair."""
     if not isinstance(text, str):
         return None
-    match = _FIRST_ANSWER.search(text)
+    # Without a closing tag the lazy search fails from every opening tag: quadratic on tag spam.
+    match = _FIRST_ANSWER.search(text) if "</answer>" in text else None
     return match.group(1).strip() if match else None
 
 
@@ -136,7 +137,8 @@ _NUMBER_WORDS = {
     )
 }
 # Digits only, optionally "3.0" and a sentence-ending period; anything else (several numbers, prose) is refused.
-_INTEGER_TEXT = re.compile(r"([0-9]+)(?:\.0+)?\.?")
+# The digit cap keeps int() clear of Python's 4300-digit conversion limit, which raises.
+_INTEGER_TEXT = re.compile(r"([0-9]{1,30})(?:\.0+)?\.?")
 
 
 def parse_number_answer(text: str) -> int | None:
@@ -231,7 +233,7 @@ def parse_math_answer(answer: str) -> list:
 
 
 def math_answers_match(answer: str, gold: str) -> bool:
-    """Whether a single extracted answer equals the gold answer in value ("140°" == "140", "\\frac{12}{5}" == "2.4")."""
+    """Whether one extracted answer equals the gold answer in value ("140°" == "140", "\\frac{12}{5}" == "2.4")."""
     if not isinstance(answer, str) or not isinstance(gold, str):
         return False
     answer_norm, gold_norm = _screen_math_answer(answer), normalize_math_answer(gold)
@@ -262,7 +264,7 @@ def r1v_accuracy(completion: str, solution: str, *, answer_type: str = "number")
         return 1.0
     sol_match = _R1V_ANSWER.search(solution)
     ground_truth = sol_match.group(1).strip() if sol_match else solution.strip()
-    content_match = _R1V_ANSWER.search(completion)
+    content_match = _R1V_ANSWER.search(completion) if "</answer>" in completion else None
     student_answer = content_match.group(1).strip() if content_match else completion.strip()
     return 1.0 if student_answer == ground_truth else 0.0
 

@@ -80,7 +80,12 @@ def test_single_answer_refuses_missing_repeated_and_empty_tags(text, expected):
 
 @pytest.mark.parametrize(
     ("solution", "expected"),
-    [("<answer> 3 </answer>", "3"), ("3", "3"), (" 140° ", "140°"), ("<answer>\\frac{12}{5}</answer>", "\\frac{12}{5}")],
+    [
+        ("<answer> 3 </answer>", "3"),
+        ("3", "3"),
+        (" 140° ", "140°"),
+        ("<answer>\\frac{12}{5}</answer>", "\\frac{12}{5}"),
+    ],
 )
 def test_solution_answer_normalises_both_solution_styles(solution, expected):
     assert solution_answer(solution) == expected
@@ -208,9 +213,27 @@ def test_guarded_math_accuracy_rejects_other_values(answer, solution):
     assert guarded_accuracy(reply(answer), solution, answer_type="math") == 0.0
 
 
+# Ground-truth spellings from R1-V's geoqa_test_prompts.jsonl, units and all.
+GEOQA_GOLDS = [
+    "140°", "\\frac{12}{5}", "√{3}", "2√{15}米", "\\frac{1}{2}cm²", "240πcm^{2}", "5cm^2^", "(√{3}+1)小时",
+    "\\frac{10√{3}}{3}m", "16π平方米", "6√{3}海里", "2√{2}-2", "17.5°", "6.00米", "3.6秒", "8厘米", "π",
+]
+
+
+@pytest.mark.parametrize("gold", GEOQA_GOLDS)
+def test_geoqa_gold_spellings_parse_to_one_value_and_match_themselves(gold):
+    assert parse_math_answer(gold) != []
+    assert guarded_accuracy(reply(gold), gold, answer_type="math") == 1.0
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("2√{3}cm", "2\\sqrt{3}"), ("140^{\\circ}", "140"), ("$\\dfrac{1}{2}$", "\\frac{1}{2}"), ("9π平方米", "9\\pi")],
+    [
+        ("2√{3}cm", "2\\sqrt{3}"),
+        ("140^{\\circ}", "140"),
+        ("$\\dfrac{1}{2}$", "\\frac{1}{2}"),
+        ("9π平方米", "9\\pi"),
+    ],
 )
 def test_normalize_math_answer(text, expected):
     assert normalize_math_answer(text) == expected
@@ -251,13 +274,13 @@ def test_guarded_math_passes_solution_in_gold_slot(monkeypatch):
 
 HACKS = {
     # name: (completion, solution, answer_type, r1v accuracy, guarded accuracy)
-    "empty answer, number in reasoning": (reply("", think="The count is 3"), "<answer> 3 </answer>", "number", 1.0, 0.0),
+    "empty answer, number in reasoning": (reply("", think="The count is 3"), "<answer> 3 </answer>", "number", 1, 0),
     "empty answer, math": (reply("", think="The angle is 140°"), "140°", "math", 1.0, 0.0),
     "several answers, comma": (reply("3, 4"), "<answer> 4 </answer>", "number", 1.0, 0.0),
     "several answers, or": (reply("3 or 4"), "4", "math", 1.0, 0.0),
     "several answers, space": (reply("3 4"), "4", "math", 1.0, 0.0),
     "several answers, degrees": (reply("140° 40°"), "40°", "math", 1.0, 0.0),
-    "answer only outside tags": ("<think>I count 3 objects.</think> The answer is 3", "<answer> 3 </answer>", "number", 1.0, 0.0),
+    "answer only outside tags": ("<think>I count 3.</think> The answer is 3", "<answer> 3 </answer>", "number", 1, 0),
     "answer outside tags, math": ("<think>x</think>The answer is 140°", "140°", "math", 1.0, 0.0),
     "repeated tags, number": (reply("2") + "<answer>3</answer>", "<answer> 3 </answer>", "number", 0.0, 0.0),
     "repeated tags, same answer": (reply("3") + "<answer>3</answer>", "<answer> 3 </answer>", "number", 1.0, 0.0),
@@ -350,6 +373,17 @@ def test_r1v_accuracy_survives_a_power_tower_within_the_timeout():
     start = time.monotonic()
     assert r1v_accuracy("The answer is $10^{10^{10}}$", "3", answer_type="math") == 0.0
     assert time.monotonic() - start < 4 * rewards.VERIFY_TIMEOUT_S + 2 * rewards.PARSE_TIMEOUT_S
+
+
+def test_huge_and_spammy_inputs_score_zero_quickly():
+    # int() raises past 4300 digits, and tag spam without a closing tag is the regex worst case.
+    start = time.monotonic()
+    for completion in [reply("9" * 5000), "9" * 5000, "<answer>" * 3000, reply("3" + " " * 5000 + "m")]:
+        for fn in REWARDS.values():
+            for answer_type in ("number", "math"):
+                assert fn(completion, "<answer> 3 </answer>", answer_type=answer_type) in (0.0, 1.0)
+    assert parse_number_answer("9" * 5000) is None
+    assert time.monotonic() - start < 10.0
 
 
 def test_non_string_inputs_score_zero():

@@ -40,6 +40,12 @@ def test_superclevr_r1v(output, truth, expected):
     assert score_superclevr(output, truth, mode="r1v") == expected
 
 
+def test_superclevr_huge_number_is_wrong_not_an_error():
+    # int() raises past 4300 digits; R1-V's script would crash here.
+    assert score_superclevr(reply("9" * 5000), 4) == Score("9" * 5000, False, "wrong")
+    assert score_superclevr(reply("9" * 5000), 4, mode="strict") == Score("9" * 5000, False, "unparsable")
+
+
 def test_superclevr_r1v_is_the_default_mode():
     assert score_superclevr(reply("3") + "<answer>4</answer>", 3) == Score("3", True, None)
 

