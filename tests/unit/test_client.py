@@ -1,0 +1,326 @@
+"""The rollout server's HTTP layer and its client, against a fake engine (no vLLM): errors, auth, retries, pushes.
+
+    .venv/bin/python -m pytest tests/unit/test_client.py -q
+
+The app (vllm_server/app.py) is the real one; only the engine behind it is a stand-in that echoes what it got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from suzak import wire
+from suzak.config import ModelConfig
+from suzak.errors import SuzakError
+from vllm_server import client as client_mod
+from vllm_server.app import admin_token_for, create_app
+from vllm_server.client import RolloutClient, check_compatible, free_port, prepare_images
+from vllm_server.engine import Engine, RequestError, safetensors_shards
+from vllm_server.images import budget_size, encode_image_data_url, load_image, resize_to_budget
+
+MIN_PIXELS, MAX_PIXELS = 3136, 100352
+
+
+class FakeEngine(Engine):
+    """Echoes each prompt: one completion per sample whose token ids are [image count, image pixels, sample]."""
+
+    name = "fake"
+
+    def __init__(self, gate: asyncio.Event | None = None):
+        super().__init__()
+        self.gate = gate
+        self.pushes: list[wire.WeightUpdateRequest] = []
+        self.generated = 0
+
+    async def start(self) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.ready = True
+
+    def info(self) -> wire.ModelInfo:
+        return wire.ModelInfo(model="fake", engine="fake", engine_version="0", policy_version=self.policy_version,
+                              max_model_len=512, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, dtype="float32",
+                              transports=["files"], max_images_per_prompt=2)
+
+    async def generate(self, prompts, sampling):
+        self.generated += 1
+        results = []
+        for p in prompts:
+            pixels = sum(im.width * im.height for im in p.images)
+            completions = [wire.Completion(text=f"sample {k}", token_ids=[len(p.images), pixels, k],
+                                           logprobs=[-0.5] * 3 if sampling.logprobs else None,
+                                           finish_reason="length", policy_version=self.policy_version)
+                           for k in range(sampling.n)]
+            results.append(wire.PromptResult(prompt_token_ids=[1, 2, 3], completions=completions))
+        return results
+
+    async def init_transport(self, req):
+        return {"transport": req.transport}
+
+    async def update_weights(self, req):
+        _, count = safetensors_shards(req.path) if req.transport == "files" else ([], 0)
+        self.pushes.append(req)
+        self.policy_version = req.version
+        return wire.WeightUpdateResponse(policy_version=req.version, seconds=0.0, tensors=count)
+
+    async def sleep(self, level):
+        raise RequestError("sleep mode is off", status=409)
+
+    async def wake(self, tags):
+        raise RequestError("sleep mode is off", status=409)
+
+    async def reset_caches(self):
+        return {"prefix_cache_reset": True}
+
+
+@pytest.fixture
+def served():
+    """(engine, client) for an in-process app; the TestClient runs the app's lifespan (engine start)."""
+    engine = FakeEngine()
+    with TestClient(create_app(engine)) as http:
+        yield engine, RolloutClient("http://testserver", http=http, retries=0)
+
+
+def _image_prompt(ref: str, text: str = "How many objects?") -> wire.Prompt:
+    return wire.Prompt(messages=[wire.ChatMessage(role="user", content=[
+        wire.ContentPart(type="image", image=ref), wire.ContentPart(type="text", text=text)])])
+
+
+def _png(path, size=(224, 168), color=(200, 30, 90)):
+    Image.new("RGB", size, color).save(path)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_generate_roundtrip_with_image_path_and_data_url(served, tmp_path):
+    engine, client = served
+    assert client.health() and client.ready()
+    info = client.info()
+    assert (info.min_pixels, info.max_pixels, info.policy_version) == (MIN_PIXELS, MAX_PIXELS, 0)
+    data_url = encode_image_data_url(Image.new("RGB", (56, 84), (1, 2, 3)))
+    req = wire.GenerateRequest(prompts=[_image_prompt(_png(tmp_path / "a.png")), _image_prompt(data_url)],
+                               sampling=wire.SamplingParams(n=3, max_tokens=4))
+    resp = client.generate(req)
+    assert [r.completions[0].token_ids[:2] for r in resp.results] == [[1, 224 * 168], [1, 56 * 84]]
+    assert [c.token_ids[2] for c in resp.results[0].completions] == [0, 1, 2]
+    assert resp.policy_version == 0 and resp.results[0].completions[0].logprobs == [-0.5] * 3
+
+
+def test_schema_errors_are_422_naming_the_field_and_server_keeps_serving(served):
+    engine, client = served
+    http = client.http
+    good = {"prompts": [{"messages": [{"role": "user", "content": "hi"}]}]}
+    r = http.post("/generate", json={**good, "sampling": {"n": 0}})
+    assert r.status_code == 422 and r.json()["field"] == "sampling.n"
+    r = http.post("/generate", json={**good, "sampling": {"temprature": 0.5}})
+    assert r.status_code == 422 and r.json()["field"] == "sampling.temprature"
+    assert "extra" in r.json()["error"].lower() or "not permitted" in r.json()["error"].lower()
+    with pytest.raises(SuzakError, match=r"422.*\(field: prompts\)"):
+        client._call("POST", "/generate", {"prompts": []})
+    assert http.post("/generate", json=good).status_code == 200 and engine.generated == 1
+
+
+def test_missing_image_file_is_400_naming_field_and_path(served, tmp_path):
+    engine, client = served
+    missing = tmp_path / "nope.png"
+    with pytest.raises(SuzakError) as err:
+        client.generate(wire.GenerateRequest(prompts=[_image_prompt(_png(tmp_path / "ok.png")),
+                                                      _image_prompt(str(missing))]))
+    msg = str(err.value)
+    assert "-> 400" in msg and str(missing) in msg and "prompts.1.messages.0.content.0.image" in msg
+    assert engine.generated == 0  # refused before the engine
+    assert client.generate(wire.GenerateRequest(prompts=[_image_prompt(_png(tmp_path / "ok.png"))])).results
+
+
+def test_image_over_max_pixels_is_400_and_prepare_images_fixes_it(served, tmp_path):
+    engine, client = served
+    big = _png(tmp_path / "big.png", size=(640, 480))  # 307200 > MAX_PIXELS
+    req = wire.GenerateRequest(prompts=[_image_prompt(big)])
+    with pytest.raises(SuzakError, match=r"400: .*307200 pixels.*max_pixels 100352.*resize") as err:
+        client.generate(req)
+    assert "prompts.0.messages.0.content.0.image" in str(err.value)
+    resp = client.generate(client.prepare_images(req))
+    h, w = budget_size(480, 640, MIN_PIXELS, MAX_PIXELS)
+    assert resp.results[0].completions[0].token_ids[1] == h * w <= MAX_PIXELS
+
+
+def test_too_many_images_and_bad_data_url(served):
+    _, client = served
+    url = encode_image_data_url(Image.new("RGB", (56, 56)))
+    three = wire.Prompt(messages=[wire.ChatMessage(role="user", content=[
+        wire.ContentPart(type="image", image=url) for _ in range(3)])])
+    with pytest.raises(SuzakError, match=r"400: prompt 0 has 3 images.*at most 2"):
+        client.generate(wire.GenerateRequest(prompts=[three]))
+    with pytest.raises(SuzakError, match=r"400: .*invalid base64.*content.0.image"):
+        client.generate(wire.GenerateRequest(prompts=[_image_prompt("data:image/png;base64,@@@")]))
+
+
+def test_ready_is_503_while_the_engine_loads():
+    gate = asyncio.Event()
+    engine = FakeEngine(gate=gate)
+    with TestClient(create_app(engine)) as http:
+        client = RolloutClient("http://testserver", http=http, retries=0)
+        assert client.health() and not client.ready()
+        r = http.get("/info")
+        assert r.status_code == 503 and "loading" in r.json()["error"]
+        http.portal.call(gate.set)
+        deadline = time.monotonic() + 5
+        while not client.ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.ready()
+
+
+# --------------------------------------------------------------------------- connection and auth
+
+
+def test_connection_refused_retries_with_backoff_then_clear_error(monkeypatch):
+    delays = []
+    monkeypatch.setattr(client_mod.time, "sleep", delays.append)
+    url = f"http://127.0.0.1:{free_port()}"
+    client = RolloutClient(url, retries=3, backoff=0.25)
+    with pytest.raises(SuzakError, match=r"no rollout server at http://127\.0\.0\.1:\d+.*suzak serve --config"):
+        client.info()
+    assert delays == [0.25, 0.5, 1.0]
+    assert client.health() is False and client.ready() is False
+
+
+def test_retries_reach_a_server_that_comes_up_late():
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(FakeEngine()), host="127.0.0.1", port=port, log_level="error"))
+    starter = threading.Timer(0.5, server.run)
+    starter.start()
+    try:
+        client = RolloutClient(f"http://127.0.0.1:{port}", retries=8, backoff=0.1)
+        assert client._call("GET", "/health") == {"status": "ok"}  # refused at first, then retried into service
+        assert client.wait_ready(timeout_s=20, poll_s=0.05).engine == "fake"
+    finally:
+        server.should_exit = True
+        starter.join(timeout=10)
+
+
+def test_admin_routes_need_the_token_off_localhost(tmp_path):
+    engine = FakeEngine()
+    with TestClient(create_app(engine, admin_token="s3cret")) as http:
+        anonymous = RolloutClient("http://testserver", http=http, retries=0, token="")
+        with pytest.raises(SuzakError, match=r"401: .*Authorization: Bearer"):
+            anonymous.reset_prefix_cache()
+        wrong = RolloutClient("http://testserver", http=http, retries=0, token="guess")
+        with pytest.raises(SuzakError, match="401"):
+            wrong.update_weights(wire.WeightUpdateRequest(version=1, transport="files", path=str(tmp_path)))
+        # Generation stays open; admin routes work with the right token.
+        assert anonymous.generate(wire.GenerateRequest(prompts=[wire.Prompt(
+            messages=[wire.ChatMessage(role="user", content="hi")])])).results
+        assert RolloutClient("http://testserver", http=http, retries=0, token="s3cret").reset_prefix_cache()
+    assert engine.pushes == []
+
+
+def test_server_refuses_to_bind_off_localhost_without_token(monkeypatch):
+    monkeypatch.delenv("SUZAK_SERVER_TOKEN", raising=False)
+    assert admin_token_for("127.0.0.1") is None
+    with pytest.raises(SuzakError, match="SUZAK_SERVER_TOKEN"):
+        admin_token_for("0.0.0.0")
+    monkeypatch.setenv("SUZAK_SERVER_TOKEN", "abc")
+    assert admin_token_for("0.0.0.0") == "abc"
+
+
+def test_sleep_unavailable_is_409(served):
+    _, client = served
+    with pytest.raises(SuzakError, match="409: sleep mode is off"):
+        client.sleep()
+
+
+# --------------------------------------------------------------------------- weights and images
+
+
+def test_files_transport_writes_buckets_atomically_and_prunes(served, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from vllm_server.transport import FilesTransport
+
+    engine, client = served
+    embed = torch.randn(300, 256)  # 300 KiB: embed + head + norm fill most of a 1 MiB bucket, visual.w starts the next
+    weights = {"model.embed_tokens.weight": embed, "lm_head.weight": embed,  # tied: shared storage
+               "model.norm.weight": torch.ones(256), "visual.w": torch.randn(600, 256)}
+    transport = FilesTransport(tmp_path / "push", bucket_mb=1)
+    stats = client.push_weights(weights.items(), 3, transport)
+    assert stats["tensors"] == 4 and stats["shards"] == 2 and engine.policy_version == 3
+    pushed = engine.pushes[-1]
+    assert pushed.transport == "files" and pushed.path.endswith("v000003")
+    loaded = {}
+    for shard in sorted((tmp_path / "push" / "v000003").glob("*.safetensors")):
+        loaded.update(load_file(shard))
+    assert set(loaded) == set(weights) and all(torch.equal(loaded[k], v) for k, v in weights.items())
+    transport.push({"model.norm.weight": torch.zeros(256)}.items(), 4)
+    assert sorted(p.name for p in (tmp_path / "push").iterdir()) == ["v000004"]
+    assert client.info().policy_version == 4
+
+
+def test_files_push_to_an_empty_folder_is_refused(served, tmp_path):
+    _, client = served
+    with pytest.raises(SuzakError, match=r"400: no \.safetensors files in .*\(field: path\)"):
+        client.update_weights(wire.WeightUpdateRequest(version=1, transport="files", path=str(tmp_path)))
+
+
+def test_prepare_images_keeps_fitting_local_paths_and_resizes_the_rest(tmp_path):
+    fits = _png(tmp_path / "fits.png", size=(224, 168))
+    big = _png(tmp_path / "big.png", size=(1000, 700))
+    req = wire.GenerateRequest(prompts=[_image_prompt(fits), _image_prompt(big)])
+    out = prepare_images(req, MIN_PIXELS, MAX_PIXELS)
+    assert out.prompts[0].messages[0].content[0].image == fits
+    resized = load_image(out.prompts[1].messages[0].content[0].image)
+    assert (resized.height, resized.width) == budget_size(700, 1000, MIN_PIXELS, MAX_PIXELS)
+    assert resized.tobytes() == resize_to_budget(Image.open(big), MIN_PIXELS, MAX_PIXELS).tobytes()
+    remote = prepare_images(req, MIN_PIXELS, MAX_PIXELS, inline_paths=True)
+    assert remote.prompts[0].messages[0].content[0].image.startswith("data:image/png;base64,")
+    assert req.prompts[1].messages[0].content[0].image == big  # the original is untouched
+
+
+def test_load_image_errors_name_the_problem(tmp_path):
+    with pytest.raises(SuzakError, match=r"image file not found: .*nope\.png \(field x\)"):
+        load_image(str(tmp_path / "nope.png"), field="x")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(SuzakError, match="cannot decode image"):
+        load_image(str(tmp_path / "junk.png"))
+    with pytest.raises(SuzakError, match="data:image/png;base64"):
+        load_image("data:image/png,rawbytes")
+    rgba = Image.new("RGBA", (28, 28), (0, 0, 0, 0))
+    assert load_image(encode_image_data_url(rgba, fmt="PNG")).getpixel((0, 0)) in ((0, 0, 0), (255, 255, 255))
+
+
+def test_check_compatible_refuses_a_pixel_mismatch():
+    info = FakeEngine().info()
+    check_compatible(info, ModelConfig(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS))
+    with pytest.raises(SuzakError, match=r"max_pixels: server 100352, config 401408"):
+        check_compatible(info, ModelConfig(min_pixels=MIN_PIXELS, max_pixels=401408))
+
+
+def test_client_imports_neither_torch_nor_vllm():
+    import subprocess
+    import sys
+
+    code = ("import sys, vllm_server.client, vllm_server.transport, vllm_server.app; "
+            "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_http_errors_surface_the_server_json():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, json={"error": "server error: RuntimeError: boom", "detail": "see the server log"})
+
+    http = httpx.Client(base_url="http://x", transport=httpx.MockTransport(handler))
+    with pytest.raises(SuzakError, match=r"POST /generate -> 500: server error: RuntimeError: boom"):
+        RolloutClient("http://x", http=http).generate(wire.GenerateRequest(
+            prompts=[wire.Prompt(messages=[wire.ChatMessage(role="user", content="hi")])]))

@@ -1,0 +1,258 @@
+"""Client of the rollout server, used by the learner and the evaluator (imports httpx and suzak.wire only).
+
+    from vllm_server.client import RolloutClient, start_local_server
+    process, url = start_local_server(cfg, "runs/x/server.log")      # `python -m suzak serve` on a free port
+    client = RolloutClient(url)
+    check_compatible(client.info(), cfg.model)
+    resp = client.generate(client.prepare_images(request))           # images resized to the server's budget
+
+Connection errors are retried with exponential backoff, then raise a SuzakError that says how to start a server;
+an error answer (4xx/5xx) raises a SuzakError carrying the server's JSON error and the offending field.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import httpx
+
+from suzak import wire
+from suzak.errors import SuzakError
+
+if TYPE_CHECKING:
+    from suzak.config import ModelConfig, RunConfig
+    from vllm_server.transport import WeightTransport
+
+log = logging.getLogger("suzak.client")
+
+TOKEN_ENV = "SUZAK_SERVER_TOKEN"
+# Errors raised before the request reached the server, so a retry cannot run anything twice.
+RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
+class RolloutClient:
+    """Typed calls to one rollout server. `token` defaults to $SUZAK_SERVER_TOKEN (admin routes off localhost)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 1800.0, retries: int = 5,
+                 backoff: float = 0.5, *, http: httpx.Client | None = None):
+        self.url = url.rstrip("/")
+        self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        self.retries = retries
+        self.backoff = backoff
+        # A short connect timeout so a missing server fails fast; reads may take as long as a big batch.
+        self.http = http or httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> RolloutClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _request(self, method: str, path: str, *, json: Any = None, retries: int | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        attempts = (self.retries if retries is None else retries) + 1
+        for attempt in range(attempts):
+            try:
+                return self.http.request(method, path, json=json, headers=headers)
+            except RETRYABLE as e:
+                if attempt == attempts - 1:
+                    raise SuzakError(f"no rollout server at {self.url} ({type(e).__name__}: {e}): start one with "
+                                     "`suzak serve --config ...` or check server.url") from None
+                delay = self.backoff * 2 ** attempt
+                log.warning("rollout server %s unreachable (%s); retry %d/%d in %.1f s", self.url,
+                            type(e).__name__, attempt + 1, attempts - 1, delay)
+                time.sleep(delay)
+            except httpx.TimeoutException as e:
+                raise SuzakError(f"rollout server {self.url} did not answer {method} {path} in time ({e}); "
+                                 "raise server.request_timeout_s or send smaller batches") from None
+        raise AssertionError("unreachable")
+
+    def _call(self, method: str, path: str, body: Any = None, *, retries: int | None = None) -> Any:
+        payload = body.model_dump(mode="json") if hasattr(body, "model_dump") else body
+        resp = self._request(method, path, json=payload, retries=retries)
+        if resp.status_code >= 400:
+            raise SuzakError(self._describe_error(method, path, resp))
+        return resp.json()
+
+    def _describe_error(self, method: str, path: str, resp: httpx.Response) -> str:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {"error": resp.text[:500]}
+        message = body.get("error") or body.get("detail") or str(body)
+        field = f" (field: {body['field']})" if body.get("field") else ""
+        return f"rollout server {self.url}: {method} {path} -> {resp.status_code}: {message}{field}"
+
+    # ------------------------------------------------------------------ status
+
+    def health(self) -> bool:
+        """True when the HTTP server answers (the engine may still be loading)."""
+        try:
+            return self._request("GET", "/health", retries=0).status_code == 200
+        except SuzakError:
+            return False
+
+    def ready(self) -> bool:
+        """True once the engine is loaded; raises when it failed to load."""
+        try:
+            resp = self._request("GET", "/ready", retries=0)
+        except SuzakError:
+            return False
+        if resp.status_code == 503 and "failed to load" in resp.text:
+            raise SuzakError(self._describe_error("GET", "/ready", resp))
+        return resp.status_code == 200
+
+    def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 1.0,
+                   process: subprocess.Popen | None = None, log_path: str | Path | None = None) -> wire.ModelInfo:
+        """Poll /ready until the engine is loaded; fail early when `process` (a local server) exits."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ready():
+                return self.info()
+            if process is not None and process.poll() is not None:
+                raise SuzakError(f"the rollout server exited with code {process.returncode} before it was ready"
+                                 + _log_tail(log_path))
+            time.sleep(poll_s)
+        raise SuzakError(f"rollout server {self.url} not ready after {timeout_s:.0f} s (server.startup_timeout_s)"
+                         + _log_tail(log_path))
+
+    def info(self) -> wire.ModelInfo:
+        return wire.ModelInfo.model_validate(self._call("GET", "/info"))
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, req: wire.GenerateRequest) -> wire.GenerateResponse:
+        return wire.GenerateResponse.model_validate(self._call("POST", "/generate", req))
+
+    def prepare_images(self, req: wire.GenerateRequest, info: wire.ModelInfo | None = None) -> wire.GenerateRequest:
+        """A copy of `req` whose images fit the server's pixel budget (resized ones are sent as PNG data URLs).
+
+        Local paths are kept for a server on this machine and inlined as data URLs for a remote one."""
+        info = info or self.info()
+        local = httpx.URL(self.url).host in ("127.0.0.1", "localhost", "::1", "testserver")
+        return prepare_images(req, info.min_pixels, info.max_pixels, inline_paths=not local)
+
+    # ------------------------------------------------------------------ weights and memory
+
+    def init_transport(self, req: wire.TransportInitRequest) -> dict:
+        return self._call("POST", "/weights/init", req)
+
+    def update_weights(self, req: wire.WeightUpdateRequest) -> wire.WeightUpdateResponse:
+        return wire.WeightUpdateResponse.model_validate(self._call("POST", "/weights", req))
+
+    def push_weights(self, named_tensors: Iterable, version: int, transport: WeightTransport) -> dict:
+        """Send weights through `transport` (initialised on first use) and return its stats."""
+        if getattr(transport, "client", None) is not self:
+            transport.init(self)
+        return transport.push(named_tensors, version)
+
+    def sleep(self, level: int = 1) -> dict:
+        return self._call("POST", "/sleep", wire.SleepRequest(level=level))
+
+    def wake(self, tags: list[str] | None = None) -> dict:
+        return self._call("POST", "/wake", wire.WakeRequest(tags=tags))
+
+    def reset_prefix_cache(self) -> dict:
+        return self._call("POST", "/reset_prefix_cache")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def prepare_images(req: wire.GenerateRequest, min_pixels: int, max_pixels: int, *,
+                   inline_paths: bool = False) -> wire.GenerateRequest:
+    """Resize every image of a request to the budget; images already at their budget size keep their reference
+    (local paths too unless inline_paths, for a server on another machine)."""
+    from vllm_server.images import budget_size, encode_image_data_url, load_image, resize_to_budget
+
+    out = req.model_copy(deep=True)
+    for i, prompt in enumerate(out.prompts):
+        for m, msg in enumerate(prompt.messages):
+            for c, part in enumerate(msg.content if isinstance(msg.content, list) else []):
+                if part.type != "image" or part.image is None:
+                    continue
+                img = load_image(part.image, field=f"prompts.{i}.messages.{m}.content.{c}.image")
+                is_path = not part.image.startswith(("data:", "http://", "https://"))
+                if budget_size(img.height, img.width, min_pixels, max_pixels) != (img.height, img.width):
+                    part.image = encode_image_data_url(resize_to_budget(img, min_pixels, max_pixels))
+                elif is_path and inline_paths:
+                    part.image = encode_image_data_url(img)
+    return out
+
+
+def check_compatible(info: wire.ModelInfo, model_cfg: ModelConfig) -> None:
+    """Refuse a server whose image budget differs from the learner's: both must see the same pixels."""
+    diffs = [f"{key}: server {getattr(info, key)}, config {getattr(model_cfg, key)}"
+             for key in ("min_pixels", "max_pixels") if getattr(info, key) != getattr(model_cfg, key)]
+    if diffs:
+        raise SuzakError("the rollout server resizes images differently from this config (" + "; ".join(diffs)
+                         + "): restart the server with the same model.min_pixels/model.max_pixels, or set them "
+                         "here to the server's values")
+
+
+def _log_tail(log_path: str | Path | None, lines: int = 30) -> str:
+    if log_path is None or not Path(log_path).is_file():
+        return ""
+    tail = Path(log_path).read_text(errors="replace").splitlines()[-lines:]
+    return f"\nlast lines of {log_path}:\n" + "\n".join(tail)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_local_server(cfg: RunConfig, log_path: str | Path, *, env: dict | None = None,
+                       timeout_s: float | None = None) -> tuple[subprocess.Popen, str]:
+    """Spawn `python -m suzak serve` for `cfg` on a free localhost port and wait until it is ready.
+
+    Returns (process, url). The caller stops it (process.terminate()); the server's output goes to log_path, and
+    its resolved config to server_config.yaml beside it.
+    """
+    from suzak.config import save_config
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server_cfg = cfg.model_copy(deep=True)
+    server_cfg.server.host, server_cfg.server.port, server_cfg.server.url = "127.0.0.1", port, None
+    config_path = save_config(server_cfg, log_path.parent, name="server_config.yaml")
+    cmd = [sys.executable, "-m", "suzak", "serve", "--config", str(config_path)]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    client = RolloutClient(url, timeout=30.0, retries=0)
+    try:
+        client.wait_ready(timeout_s or cfg.server.startup_timeout_s, process=process, log_path=log_path)
+    except BaseException:
+        stop_local_server(process)
+        raise
+    finally:
+        client.close()
+    log.info("rollout server ready at %s (pid %d, log %s)", url, process.pid, log_path)
+    return process, url
+
+
+def stop_local_server(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM (vLLM then stops its engine processes), SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
