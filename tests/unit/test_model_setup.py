@@ -1,0 +1,181 @@
+"""Model setup: freezing, LoRA and its reference, the memory check, the optimizer schedule, HF export, hub push.
+
+    .venv/bin/python -m pytest tests/unit/test_model_setup.py -q
+"""
+
+import math
+
+import pytest
+import torch
+
+from suzak.config import OptimConfig, load_config
+from suzak.errors import SuzakError
+from suzak.tiny import build_tiny_model
+from trainer import model_setup
+from trainer.model_setup import (GiB, LRSchedule, build_optimizer, check_fits, count_parameters, estimate_memory,
+                                 export_hf, load_policy)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden=64, layers=1, vision_depth=1, vision_hidden=64,
+                            vocab_target=512)
+
+
+def cfg_for(tiny, *overrides):
+    return load_config(None, [f"model.name_or_path={tiny}", "model.min_pixels=784", "model.max_pixels=3136",
+                              *overrides])
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def inputs(processor):
+    from PIL import Image
+
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many items?"}]}]
+    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return dict(processor(text=[text], images=[Image.new("RGB", (56, 56), (90, 30, 200))], return_tensors="pt"))
+
+
+@pytest.mark.parametrize("flag, frozen_prefixes, trained_prefixes", [
+    ("model.freeze_vision=true", ["model.visual.blocks.", "model.visual.patch_embed."],
+     ["model.visual.merger.", "model.language_model.", "lm_head"]),
+    ("model.freeze_merger=true", ["model.visual.merger."], ["model.visual.blocks.", "model.language_model."]),
+    ("model.freeze_lm=true", ["model.language_model.", "lm_head"], ["model.visual.blocks.", "model.visual.merger."]),
+])
+def test_freezing_flags(tiny, flag, frozen_prefixes, trained_prefixes):
+    policy = load_policy(cfg_for(tiny, flag), "cpu", stage="sft")
+    model = policy.model
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if any(name.startswith(f) for f in frozen_prefixes):
+            assert not p.requires_grad, name
+        if any(name.startswith(t) for t in trained_prefixes):
+            assert p.requires_grad, name
+    assert policy.ref_model is None and not policy.is_lora
+
+
+def test_all_frozen_is_an_error(tiny):
+    with pytest.raises(SuzakError, match="frozen"):
+        load_policy(cfg_for(tiny, "model.freeze_vision=true", "model.freeze_merger=true", "model.freeze_lm=true"),
+                    "cpu", stage="sft")
+
+
+def test_lora_wraps_lm_only_and_reference_is_adapters_off(tiny):
+    cfg = cfg_for(tiny, "model.lora.enabled=true", "model.lora.r=4", "grpo.beta=0.04")
+    policy = load_policy(cfg, "cpu", stage="grpo")
+    names = trainable_names(policy.model)
+    assert names and all("lora_" in n and ".language_model." in n for n in names)
+    assert policy.is_lora and policy.ref_model is None  # beta > 0, but LoRA needs no second copy
+    batch = inputs(policy.processor)
+    with torch.no_grad():
+        base = policy.model(**batch).logits
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # make the adapters matter
+        adapted = policy.model(**batch).logits
+        with policy.reference() as ref:
+            reference = ref(**batch).logits
+    assert not torch.allclose(adapted, base, atol=1e-4)
+    torch.testing.assert_close(reference, base)
+
+
+def test_full_finetune_with_kl_loads_reference(tiny):
+    policy = load_policy(cfg_for(tiny, "grpo.beta=0.04"), "cpu", stage="grpo")
+    assert policy.ref_model is not None
+    assert not any(p.requires_grad for p in policy.ref_model.parameters())
+    assert load_policy(cfg_for(tiny, "grpo.beta=0.04"), "cpu", stage="sft").ref_model is None
+
+
+def test_parameter_counts_without_weights():
+    seven = count_parameters("Qwen/Qwen2.5-VL-7B-Instruct")
+    three = count_parameters("Qwen/Qwen2.5-VL-3B-Instruct")
+    assert 8.25e9 < seven.total < 8.35e9 and 3.7e9 < three.total < 3.8e9  # the published sizes
+    assert seven.vision + seven.merger + seven.lm == seven.total and 0.6e9 < seven.vision < 0.7e9
+
+
+def test_check_fits_names_knobs_for_7b_full_finetune():
+    cfg = load_config(None, ["model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct", "server.gpu_memory_utilization=0.5"])
+    with pytest.raises(SuzakError) as err:
+        check_fits(cfg, 80 * GiB, world_size=1)
+    msg = str(err.value)
+    for knob in ("model.lora.enabled=true", "SUZAK_STRATEGY=zero2_offload", "grpo.optim.optimizer=adamw_8bit",
+                 "model.freeze_vision=true", "model.gradient_checkpointing=true", "server.gpu_memory_utilization="):
+        assert knob in msg, knob
+    assert "optimizer states" in msg and "rollout server share" in msg
+
+    lora = load_config(None, ["model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct", "model.lora.enabled=true",
+                              "model.gradient_checkpointing=true"])
+    est = check_fits(lora, 80 * GiB, world_size=1)  # fits: no exception
+    full = estimate_memory(cfg, world_size=1, device_total_bytes=80 * GiB)
+    assert est.total < full.total / 2 and full.optimizer == pytest.approx(2 * full.weights)
+    sharded = estimate_memory(cfg, world_size=8, strategy_name="zero3", device_total_bytes=80 * GiB)
+    assert sharded.weights < full.weights / 4 and sharded.optimizer < full.optimizer / 4
+
+
+def test_lr_schedule_and_optimizer(tiny):
+    sched = LRSchedule(warmup_steps=2, total_steps=10, kind="cosine")
+    assert [sched(0), sched(1), sched(2)] == [0.0, 0.5, 1.0] and sched(10) == pytest.approx(0.0)
+    assert sched(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert LRSchedule(0, 10, "linear")(5) == 0.5 and LRSchedule(0, 10, "constant")(9) == 1.0
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt, lr = build_optimizer(net, OptimConfig(lr=1e-3, weight_decay=0.1, warmup_ratio=0.2), total_steps=10)
+    decays = {g["weight_decay"]: len(g["params"]) for g in opt.param_groups}
+    assert decays == {0.1: 1, 0.0: 3}  # only the Linear weight decays
+    assert opt.param_groups[0]["lr"] == 0.0  # warm-up starts at 0 like transformers' schedulers
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(SuzakError, match="bitsandbytes"):
+            build_optimizer(net, OptimConfig(optimizer="adamw_8bit"), 10)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_export_loads_back_with_transformers(tiny, tmp_path, lora):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    extra = ["model.lora.enabled=true", "model.lora.r=4"] if lora else []
+    policy = load_policy(cfg_for(tiny, *extra), "cpu", stage="sft")
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if p.requires_grad and ("lora_B" in n or not lora):
+                p.add_(torch.randn_like(p) * 0.05)  # "trained" weights that differ from the base
+    out = tmp_path / "final"
+    export_hf(policy, out)
+    export_hf(policy, out)  # a second export replaces the first in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temp folders left behind
+    loaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    batch = inputs(AutoProcessor.from_pretrained(out))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, policy.model(**batch).logits, atol=1e-4, rtol=1e-4)
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+
+
+def test_push_to_hub_needs_token_and_never_prints_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(SuzakError, match="HF_TOKEN"):
+        model_setup.push_to_hub(tmp_path, "me/model")
+    monkeypatch.setenv("HF_TOKEN", "hf_topsecret_abcdef")
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, exist_ok, private):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            raise RuntimeError("401 for token hf_topsecret_abcdef")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    with pytest.raises(SuzakError) as err:
+        model_setup.push_to_hub(tmp_path, "me/model")
+    assert "hf_topsecret" not in str(err.value) and "***" in str(err.value)
+    assert calls == [("init", "hf_topsecret_abcdef")]
+    assert "hf_topsecret" not in capsys.readouterr().out
