@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -251,18 +250,6 @@ def connect(url: str, cfg):
     return client
 
 
-def stop_server(process) -> None:
-    """Stop a server started here: SIGTERM, then SIGKILL if it lingers (vLLM needs a few seconds to shut down)."""
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -334,8 +321,9 @@ def _run_model(bench: Benchmark, data: str | None, cfg, out: Path, console) -> t
         else:
             from vllm_server.client import start_local_server
 
-            console.print(f"starting a local rollout server for {cfg.model.name_or_path} (log: {out / 'server.log'})")
-            process, url = start_local_server(cfg, out / "server.log")
+            log_path = out / "server" / "server.log"
+            console.print(f"starting a local rollout server for {cfg.model.name_or_path} (log: {log_path})")
+            process, url = start_local_server(cfg, log_path)  # returns once the engine is loaded
             client = connect(url, cfg)
             label = cfg.model.name_or_path
         # The system prompt belongs to the training setup, so it comes only with the training prompt.
@@ -344,7 +332,10 @@ def _run_model(bench: Benchmark, data: str | None, cfg, out: Path, console) -> t
                                     max_new_tokens=cfg.eval.max_new_tokens, batch_size=DEFAULT_BATCH_SIZE,
                                     progress=cfg.logging.progress, system=system, benchmark=bench.name, model=label)
     finally:
-        stop_server(process)
+        if process is not None:
+            from vllm_server.client import stop_local_server
+
+            stop_local_server(process)
     summary["data"] = data_desc
     return records, summary, images
 

@@ -147,6 +147,19 @@ def model_family(config: Any) -> str:
     return model_type
 
 
+def vision_token_ids(config: Any) -> list[int]:
+    """Ids of the image/video placeholders and delimiters, which a sampled completion must never hold.
+
+    A completion containing <|image_pad|> breaks the training forward ("Image features and image
+    tokens do not match"); random or drifting policies (the tiny model samples each of its ~1k
+    tokens) do emit them, so rollouts should ban these ids (vLLM: SamplingParams(bad_words=...) or
+    allowed_token_ids; transformers: generate(suppress_tokens=...)).
+    """
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    get = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+    return [get(name) for name in names if get(name) is not None]
+
+
 def _flash_attn_usable() -> bool:
     try:
         import flash_attn  # noqa: F401  (a broken build can fail at import, not only be absent)

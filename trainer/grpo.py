@@ -75,8 +75,9 @@ def split_backbone(model):
 def completion_logps(model, mb: MicroBatch, temperature: float, device) -> torch.Tensor:
     """Per-position log-probs [B, T-1] of the next token under softmax(logits / T), non-zero only on completion tokens."""
     backbone, head = split_backbone(model)
+    extra = {} if mb.mm_token_type_ids is None else {"mm_token_type_ids": mb.mm_token_type_ids.to(device)}
     out = backbone(input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device),
-                   pixel_values=mb.pixel_values.to(device), image_grid_thw=mb.image_grid_thw.to(device))
+                   pixel_values=mb.pixel_values.to(device), image_grid_thw=mb.image_grid_thw.to(device), **extra)
     hidden = out.last_hidden_state[:, :-1]
     mask = mb.completion_mask.to(device) > 0
     result = torch.zeros(mask.shape, dtype=torch.float32, device=device)

@@ -6,7 +6,7 @@
     optimizer, scheduler = build_optimizer(policy.model, cfg.grpo.optim, total_steps)
     export_hf(policy, "runs/x/grpo/final")                              # HF folder for transformers and vLLM
 
-    python -m trainer.model_setup Qwen/Qwen2.5-VL-7B-Instruct 80       # print the memory estimate on an 80 GB card
+    python -m trainer.model_setup Qwen/Qwen2.5-VL-7B-Instruct 79.6 model.lora.enabled=true   # estimate, GiB card
 
 Parameters stay fp32 when optim.master_weights_fp32 (bf16 autocast runs the forward on CUDA, see
 trainer/distributed.py); LoRA keeps the frozen base in the compute dtype and only the adapters in fp32.
@@ -182,24 +182,32 @@ def _micro_batch_shape(cfg, stage: str, counts: ParamCounts) -> tuple[int, float
     return tokens, visual / (visual + text)
 
 
+# Bytes saved for the backward per token per layer, in units of the hidden size, measured with
+# saved_tensors_hooks on Qwen2.5-VL blocks (fp32 weights, bf16 autocast, sdpa; weight copies excluded):
+# the language model's SwiGLU layers (intermediate ~5.3h) keep ~74h, a vision block ~53h per patch, and a
+# checkpointed layer keeps only its fp32 input (4h).
+LM_ACT_FACTOR, VISION_ACT_FACTOR, CKPT_ACT_FACTOR = 74, 53, 4
+
+
 def _activation_bytes(cfg, stage: str, counts: ParamCounts, trainable: int) -> float:
-    """Rough activation memory: ~34*h bytes per token per layer in bf16 with flash attention (Korthikanti et al.),
-    2*h with gradient checkpointing plus one recomputed layer; the vision tower sees 4 patches per visual token."""
+    """Rough activation memory of one micro-batch; the vision tower sees 4 patches per visual token."""
+    if not trainable:
+        return 0.0
     tokens, visual_frac = _micro_batch_shape(cfg, stage, counts)
     ckpt = cfg.model.gradient_checkpointing
 
-    def stack(n_tokens: float, hidden: int, depth: int) -> float:
-        per_layer = n_tokens * hidden * (2 if ckpt else 34)
-        return per_layer * depth + (n_tokens * hidden * 34 if ckpt else 0)
+    def stack(n_tokens: float, hidden: int, depth: int, factor: int) -> float:
+        if not ckpt:
+            return n_tokens * hidden * factor * depth
+        return n_tokens * hidden * (CKPT_ACT_FACTOR * depth + factor)  # plus one layer being recomputed
 
-    act = stack(tokens, counts.hidden, counts.layers)
+    act = stack(tokens, counts.hidden, counts.layers, LM_ACT_FACTOR)
     vision_trains = not cfg.model.lora.enabled and not (cfg.model.freeze_vision and cfg.model.freeze_merger)
     if vision_trains:
-        act += stack(4 * tokens * visual_frac, counts.vision_hidden, counts.vision_depth)
-    # Logits: the GRPO loop runs the head in 512-token chunks; SFT keeps bf16 logits of the answer span plus fp32 CE.
+        act += stack(4 * tokens * visual_frac, counts.vision_hidden, counts.vision_depth, VISION_ACT_FACTOR)
+    # Logits: the GRPO loop runs the head in 512-token chunks; SFT keeps the answer span's logits (bf16 + fp32 CE).
     logit_tokens = 512 if stage == "grpo" else cfg.sft.batch_size * 300
-    act += logit_tokens * counts.vocab * 10
-    return act if trainable else 0.0
+    return act + logit_tokens * counts.vocab * 12
 
 
 def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: str = "grpo",
@@ -241,10 +249,11 @@ def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: 
         weights = counts.total * pbytes
         grads = trainable * pbytes
         optimizer = trainable * (2.0 if optim.optimizer == "adamw_8bit" else 2 * pbytes)
-        # Autocast keeps a 16-bit copy of each weight for the backward.
+        # Autocast keeps a 16-bit copy of each weight for the backward; with checkpointing (measured on an H100)
+        # or FSDP only the layer being (re)computed holds one.
         autocast_copies = counts.total * compute if precision.autocast_dtype is not None else 0.0
-        if name.startswith("fsdp"):
-            autocast_copies = autocast_copies / max(counts.layers, 1) * 2  # one or two layers gathered at a time
+        if name.startswith("fsdp") or cfg.model.gradient_checkpointing:
+            autocast_copies = autocast_copies / max(counts.layers, 1) * 2
     if world > 1 and stage_no >= 1:
         optimizer /= world
     if world > 1 and stage_no >= 2:
@@ -407,7 +416,8 @@ def apply_lora(model, lora_cfg, precision: Precision):
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
     except ValueError as e:
         raise SuzakError(f"model.lora.target_modules={lora_cfg.target_modules} matched no language-model module "
-                         f"({e}); use names like q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj") from None
+                         f"({e}); use names like q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                         "down_proj") from None
     for p in peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.to(precision.param_dtype if precision.autocast_dtype is None else torch.float32)
@@ -576,6 +586,30 @@ def merged_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torc
     return out
 
 
+def _lora_scaling(model) -> float:
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return 1.0
+    return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+
+
+def merge_lora_state_dict(state_dict: dict, scaling: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A peft-named full state dict (e.g. gathered from ZeRO-3/FSDP shards) -> HF names, W + scaling * B @ A."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if "lora_" in key or "modules_to_save" in key:
+            continue
+        name = key.removeprefix("base_model.model.")
+        if key.endswith(".base_layer.weight"):
+            prefix = key.removesuffix(".base_layer.weight")
+            a, b = state_dict.get(f"{prefix}.lora_A.default.weight"), state_dict.get(f"{prefix}.lora_B.default.weight")
+            if a is not None and b is not None:
+                value = value.float() + scaling * (b.float() @ a.float())
+        name = name.replace(".base_layer.", ".")
+        out[name] = value.to(dtype)
+    return out
+
+
 def _swap_in(tmp: Path, target: Path) -> None:
     """Replace `target` with the complete folder `tmp` (rename is atomic; an old copy is moved aside first)."""
     old = None
@@ -602,16 +636,18 @@ def export_hf(policy: Policy, out_dir, *, state_dict: dict | None = None, dtype:
     if state_dict is None:
         state_dict = merged_state_dict(model, dtype)
     else:
-        state_dict = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v.to(dtype)
-                      for k, v in state_dict.items() if "lora_" not in k}
+        state_dict = merge_lora_state_dict(state_dict, _lora_scaling(model), dtype)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     old_dtype, old_cache = base.config.dtype, base.config.use_cache
     try:
-        base.config.dtype = dtype
         base.config.use_cache = True  # inference default for whoever loads the export
         with _no_peft_marker(base):
             base.save_pretrained(tmp, state_dict=state_dict)
+        # save_pretrained records the live parameters' dtype (fp32 masters); the files hold `dtype`, and
+        # dtype="auto" loaders (transformers, vLLM) should pick that.
+        base.config.dtype = dtype
+        base.config.save_pretrained(tmp)
         policy.processor.save_pretrained(tmp)
         _swap_in(tmp, out)
     finally:
@@ -637,7 +673,8 @@ def push_to_hub(folder, repo_id: str | None = None, *, private: bool = True) -> 
     """Upload an exported folder to the hub (token from HF_TOKEN, never printed); returns the repo URL."""
     repo_id = repo_id or os.environ.get("HUB_MODEL_ID")
     if not repo_id:
-        raise SuzakError("push_to_hub needs a repo: set checkpoint.hub_model_id (or HUB_MODEL_ID), e.g. me/qwen25vl-r1v")
+        raise SuzakError("push_to_hub needs a repo: set checkpoint.hub_model_id (or HUB_MODEL_ID), "
+                         "e.g. me/qwen25vl-r1v")
     token = os.environ.get("HF_TOKEN")
     if not token:
         raise SuzakError("push_to_hub needs HF_TOKEN in the environment (a write token from "
@@ -658,7 +695,7 @@ def push_to_hub(folder, repo_id: str | None = None, *, private: bool = True) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m trainer.model_setup MODEL [GPU_GB] [key=value ...]: print the estimate for a config."""
+    """python -m trainer.model_setup MODEL [GPU_GiB] [key=value ...]: print the estimate for a config."""
     from suzak.config import load_config
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -666,12 +703,12 @@ def main(argv: list[str] | None = None) -> None:
         print(main.__doc__)
         return
     model = args.pop(0)
-    gb = float(args.pop(0)) if args and "=" not in args[0] else 80.0
+    gib = float(args.pop(0)) if args and "=" not in args[0] else 79.6  # an H100 80GB reports 79.6 GiB
     cfg = load_config(None, [f"model.name_or_path={model}", *args])
-    est = estimate_memory(cfg, device_total_bytes=gb * 1e9)
+    est = estimate_memory(cfg, device_total_bytes=gib * GiB)
     print(est.summary())
     try:
-        check_fits(cfg, gb * 1e9)
+        check_fits(cfg, gib * GiB)
         print("fits")
     except SuzakError as e:
         print(e)

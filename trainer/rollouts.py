@@ -25,6 +25,9 @@ class PreparedPrompt:
     input_ids: list[int]
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
+    mm_token_type_ids: list[int] | None = None
+    """transformers 5.x builds Qwen2.5-VL's 3-D (mrope) image positions only when given these; without them
+    the forward silently falls back to 1-D positions and the log-probs drift from vLLM's."""
 
 
 @dataclass
@@ -54,7 +57,9 @@ def prepare_prompt(example: Example, task: Task, processor, *, prompt: str, syst
     hf_messages = [_to_hf_message(m) for m in messages]
     text = processor.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
     enc = processor(text=[text], images=[image], return_tensors="pt")
-    return PreparedPrompt(example, messages, enc["input_ids"][0].tolist(), enc["pixel_values"], enc["image_grid_thw"])
+    mm_types = enc.get("mm_token_type_ids")
+    return PreparedPrompt(example, messages, enc["input_ids"][0].tolist(), enc["pixel_values"], enc["image_grid_thw"],
+                          None if mm_types is None else mm_types[0].tolist())
 
 
 def _to_hf_message(message: dict) -> dict:
@@ -107,6 +112,7 @@ class MicroBatch:
     """[B, T] the next token at each position (aligned with the logits)."""
     rollout_logps: torch.Tensor | None
     max_completion: int
+    mm_token_type_ids: torch.Tensor | None = None
 
 
 def cut_micro_batches(rollouts: list[Rollout], prompts: list[PreparedPrompt], token_budget: int) -> list[list[int]]:
@@ -128,13 +134,15 @@ def cut_micro_batches(rollouts: list[Rollout], prompts: list[PreparedPrompt], to
 
 def build_micro_batch(indices: list[int], rollouts: list[Rollout], prompts: list[PreparedPrompt],
                       pad_id: int, vision_token_ids: set[int]) -> MicroBatch:
-    rows, masks, targets, rlogps = [], [], [], []
+    rows, masks, targets, rlogps, mm_rows = [], [], [], [], []
     for idx in indices:
         r = rollouts[idx]
         prompt_ids = prompts[r.prompt_index].input_ids
         completion = [pad_id if t in vision_token_ids else t for t in r.completion_ids]
         ids = prompt_ids + completion
         rows.append(ids)
+        mm = prompts[r.prompt_index].mm_token_type_ids
+        mm_rows.append(None if mm is None else mm + [0] * len(completion))
         # Position p predicts token p+1: completion token j sits at len(prompt)+j, predicted at len(prompt)+j-1.
         mask = [0.0] * (len(ids) - 1)
         tgt = ids[1:]
@@ -160,12 +168,17 @@ def build_micro_batch(indices: list[int], rollouts: list[Rollout], prompts: list
         comp_mask[b, : len(masks[b])] = torch.tensor(masks[b])
         tgt_t[b, : len(targets[b])] = torch.tensor(targets[b])
         rlp_t[b, : len(rlogps[b])] = torch.tensor(rlogps[b])
+    mm_t = None
+    if all(m is not None for m in mm_rows):
+        mm_t = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, m in enumerate(mm_rows):
+            mm_t[b, : len(m)] = torch.tensor(m)
     prompt_idx = [rollouts[i].prompt_index for i in indices]
     pixel_values = torch.cat([prompts[p].pixel_values for p in prompt_idx], dim=0)
     grids = torch.cat([prompts[p].image_grid_thw for p in prompt_idx], dim=0)
     has_rollout_lp = all(rollouts[i].rollout_logps is not None for i in indices)
     return MicroBatch(indices, input_ids, attention, pixel_values, grids, comp_mask, tgt_t,
-                      rlp_t if has_rollout_lp else None, max(len(rollouts[i].completion_ids) for i in indices))
+                      rlp_t if has_rollout_lp else None, max(len(rollouts[i].completion_ids) for i in indices), mm_t)
 
 
 def vision_token_ids(config) -> set[int]:

@@ -241,7 +241,7 @@ def _export(acc, policy, model, final: Path) -> None:
 
 
 def run_sft(cfg, examples: list[Example], task: Task, out_dir) -> Path:
-    """Train the SFT stage (resuming from out_dir/sft/checkpoints when checkpoint.resume) and export out_dir/sft/final."""
+    """Train the SFT stage (resuming from out_dir/sft/checkpoints when checkpoint.resume); export out_dir/sft/final."""
     from trainer.checkpoint import CheckpointManager
     from trainer.distributed import make_accelerator
     from trainer.model_setup import build_optimizer, load_policy

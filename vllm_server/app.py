@@ -121,7 +121,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("request failed")
+        # Starlette re-raises after this answer, so uvicorn logs the traceback.
         return _error(500, f"server error: {type(exc).__name__}: {exc}", detail="see the server log")
 
 

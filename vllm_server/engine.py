@@ -6,7 +6,7 @@ This is the only module of suzak that imports vLLM, always inside functions, so 
 tests import it freely. It is also the one place that knows how vLLM 0.26 through 0.32 differ:
 - weight transfer: `weight_transfer_config` (backend ipc or nccl) and the engine client's
   init/start/update/finish_weight_update calls exist in both, but the "packed" wire parameters moved from each
-  update_info (0.26) to the init_info (0.32). `_TransferAdapter` reads the installed dataclasses' fields and
+  update_info (0.26) to the init_info (0.32). `TransferAdapter` reads the installed dataclasses' fields and
   puts each key where this vLLM wants it, so the learner sends one version-neutral message.
 - vLLM 0.26's ipc_engine.py imports ray at module level though IPC never uses it; without ray installed,
   an empty stand-in package is put on the path (of this process and the engine's children).
@@ -143,11 +143,18 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-class _TransferAdapter:
+class TransferAdapter:
     """Puts suzak's version-neutral ipc/nccl messages into the shapes the installed vLLM's dataclasses take."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, init_fields: set[str], update_fields: set[str]):
         self.backend = backend
+        self.init_fields = init_fields
+        self.update_fields = update_fields
+        self.params: dict[str, Any] | None = None
+        """The version-neutral init message last sent (None: not initialised yet)."""
+
+    @classmethod
+    def for_installed_vllm(cls, backend: str) -> TransferAdapter:
         if backend == "ipc":
             from vllm.distributed.weight_transfer import ipc_engine as mod
 
@@ -156,10 +163,7 @@ class _TransferAdapter:
             from vllm.distributed.weight_transfer import nccl_engine as mod
 
             init_cls, update_cls = mod.NCCLWeightTransferInitInfo, mod.NCCLWeightTransferUpdateInfo
-        self.init_fields = _field_names(init_cls)
-        self.update_fields = _field_names(update_cls)
-        self.params: dict[str, Any] | None = None
-        """The version-neutral init message last sent (None: not initialised yet)."""
+        return cls(backend, _field_names(init_cls), _field_names(update_cls))
 
     def init_info(self, neutral: dict) -> dict:
         neutral = dict(neutral)
@@ -225,7 +229,7 @@ class VLLMEngine(Engine):
         self.processor = None
         self.model_path = cfg.model.name_or_path
         self.backend: str | None = None
-        self.adapter: _TransferAdapter | None = None
+        self.adapter: TransferAdapter | None = None
         self.can_sleep = False
         self.sleeping = False
         self.gpu_uuids: list[str] = []
@@ -234,14 +238,17 @@ class VLLMEngine(Engine):
         self._open_update: str | None = None  # transport of the update in progress
         self._update_lock: asyncio.Lock | None = None
         self._settled: asyncio.Event | None = None  # cleared while weights change; generate waits on it
+        self._idle: asyncio.Event | None = None  # set when no generate call is in flight
+        self._inflight = 0
         self._client_errors: tuple[type[BaseException], ...] = (ValueError, TypeError)
 
     # ------------------------------------------------------------------ start / stop
 
     async def start(self) -> None:
         self._update_lock = asyncio.Lock()
-        self._settled = asyncio.Event()
+        self._settled, self._idle = asyncio.Event(), asyncio.Event()
         self._settled.set()
+        self._idle.set()
         # Building the engine blocks for tens of seconds; a thread keeps /health answering meanwhile.
         await asyncio.to_thread(self._build)
         self.ready = True
@@ -283,7 +290,7 @@ class VLLMEngine(Engine):
                 # The IPC handles arrive pickled; the worker refuses to unpickle them without this.
                 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=self.backend)
-            self.adapter = _TransferAdapter(self.backend)
+            self.adapter = TransferAdapter.for_installed_vllm(self.backend)
         kwargs.update(json.loads(os.environ.get(ENGINE_ARGS_ENV) or "{}"))
         log.info("Initializing vLLM %s engine (%s)", self.engine_version,
                  ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "weight_transfer_config"))
@@ -350,12 +357,21 @@ class VLLMEngine(Engine):
         if self.sleeping:
             raise RequestError("the server is asleep: POST /wake before generating", status=409)
         rendered = [self._render(i, p, sampling.max_tokens) for i, p in enumerate(prompts)]
-        # Requests wait while weights change, so the version read here is the one that generates them.
-        await self._settled.wait()
+        # Requests wait while weights change and an update waits for the requests in flight, so the version
+        # read here is the one that generates every token of this call.
+        while not self._settled.is_set():
+            await self._settled.wait()
         version = self.policy_version
-        batch = uuid.uuid4().hex[:12]
-        outputs = await asyncio.gather(*(
-            self._one(f"{batch}-{i}", i, prompt, sampling, budget) for i, (prompt, budget) in enumerate(rendered)))
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            batch = uuid.uuid4().hex[:12]
+            outputs = await asyncio.gather(*(
+                self._one(f"{batch}-{i}", i, prompt, sampling, budget) for i, (prompt, budget) in enumerate(rendered)))
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
         return [self._result(out, sampling.logprobs, version) for out in outputs]
 
     async def _one(self, request_id: str, index: int, prompt: dict, sampling: wire.SamplingParams, budget: int):
@@ -382,7 +398,7 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------ weights
 
-    def _require_backend(self, transport: str) -> _TransferAdapter:
+    def _require_backend(self, transport: str) -> TransferAdapter:
         if transport != self.backend or self.adapter is None:
             offered = self.info().transports
             raise RequestError(f"this server has no '{transport}' weight transfer (it offers {offered}); start it "
@@ -416,10 +432,10 @@ class VLLMEngine(Engine):
                 if not req.payload:
                     raise RequestError(f"the {req.transport} transport needs 'payload' (names, dtype_names, shapes"
                                        "...)", field="payload")
-                if req.transport == "ipc" and adapter.params is None:
-                    # IPC needs no rendezvous: initialise on first use with the push's own packed flag.
-                    await self.init_transport(wire.TransportInitRequest(
-                        transport="ipc", init_info={"packed": bool(req.payload.get("packed", False))}))
+                packed = bool(req.payload.get("packed", False))
+                if req.transport == "ipc" and (adapter.params or {}).get("packed") != packed:
+                    # IPC needs no rendezvous: (re)initialise with the push's own packed flag, which 0.32 fixes at init.
+                    await self.init_transport(wire.TransportInitRequest(transport="ipc", init_info={"packed": packed}))
                 elif adapter.params is None:
                     raise RequestError("nccl weight transfer is not initialised: POST /weights/init first "
                                        "(NCCLTransport.init does it)", status=409)
@@ -453,6 +469,8 @@ class VLLMEngine(Engine):
             log.warning("a %s weight update was left open (learner restarted?); closing it first", self._open_update)
             await self._abandon_update()
         self._settled.clear()
+        await self._timed(timings, "drain", self._idle.wait())
+        # Nothing is in flight now; pausing still matters: it clears the prefix-KV, mm and encoder caches.
         await self._timed(timings, "pause", self.llm.pause_generation(mode="wait", clear_cache=True))
         if req.transport != "files":
             await self._timed(timings, "start", self.llm.start_weight_update())

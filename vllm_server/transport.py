@@ -185,6 +185,10 @@ class _PackedChunk:
         return self.used + nbytes <= self.buffer.numel()
 
     def add(self, name: str, tensor: torch.Tensor, flat: torch.Tensor) -> None:
+        if self.used % tensor.element_size():
+            # vLLM views each slice of the buffer as its dtype in place, which needs an aligned offset.
+            raise SuzakError(f"packed ipc: '{name}' ({tensor.dtype}) would start at byte {self.used}, not a multiple "
+                             f"of {tensor.element_size()}: push one dtype at a time or use IPCTransport(packed=False)")
         self.buffer[self.used: self.used + flat.numel()].copy_(flat)
         self.used += flat.numel()
         self.names.append(name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +38,6 @@ def _suzak(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return proc
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
@@ -62,29 +55,14 @@ def bench_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def shared_server(tiny_model, tmp_path_factory):
-    """One `suzak serve` for the synthetic benchmarks; stopped (by its pid) at the end of the module."""
-    from vllm_server.client import RolloutClient
+    """One rollout server for the synthetic benchmarks (on a free port), stopped at the end of the module."""
+    from suzak.config import load_config
+    from vllm_server.client import start_local_server, stop_local_server
 
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "suzak", "serve", "--model", str(tiny_model),
-                                 f"server.port={port}"], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        RolloutClient(url).wait_ready(300)
-    except Exception:
-        proc.terminate()
-        proc.wait(timeout=30)
-        pytest.fail(f"the rollout server did not start; log:\n{log.read_text()[-4000:]}")
+    cfg = load_config(None, [f"model.name_or_path={tiny_model}"])
+    process, url = start_local_server(cfg, tmp_path_factory.mktemp("server") / "server.log")
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+    stop_local_server(process)
 
 
 def _check_outputs(out: Path, benchmark: str, n: int, gt_type: type, model: str | None) -> dict:
@@ -113,7 +91,7 @@ def _check_outputs(out: Path, benchmark: str, n: int, gt_type: type, model: str 
 @pytest.mark.parametrize("benchmark,gt_type", [("superclevr", int), ("geoqa", str)])
 def test_eval_with_local_server(benchmark, gt_type, tiny_model, bench_files, tmp_path):
     out = tmp_path / benchmark
-    proc = _suzak("eval", benchmark, *SMALL, f"server.port={_free_port()}", "--model", str(tiny_model),
+    proc = _suzak("eval", benchmark, *SMALL, "--model", str(tiny_model),
                   "--data", str(bench_files[benchmark]), "--out", str(out), "--limit", "4")
     assert str(out) in proc.stdout and "accuracy" in proc.stdout  # the console table
     _check_outputs(out, benchmark, 4, gt_type, model=str(tiny_model))

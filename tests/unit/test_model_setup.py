@@ -132,8 +132,8 @@ def test_lr_schedule_and_optimizer(tiny):
             build_optimizer(net, OptimConfig(optimizer="adamw_8bit"), 10)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_export_loads_back_with_transformers(tiny, tmp_path, lora):
+@pytest.mark.parametrize("lora, gathered", [(False, False), (True, False), (True, True)])
+def test_export_loads_back_with_transformers(tiny, tmp_path, lora, gathered):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     extra = ["model.lora.enabled=true", "model.lora.r=4"] if lora else []
@@ -144,13 +144,28 @@ def test_export_loads_back_with_transformers(tiny, tmp_path, lora):
                 p.add_(torch.randn_like(p) * 0.05)  # "trained" weights that differ from the base
     out = tmp_path / "final"
     export_hf(policy, out)
-    export_hf(policy, out)  # a second export replaces the first in place
+    # A second export replaces the first in place; `gathered`: from a full state dict, as ZeRO-3/FSDP hand it over.
+    export_hf(policy, out, state_dict=policy.model.state_dict() if gathered else None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temp folders left behind
     loaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     batch = inputs(AutoProcessor.from_pretrained(out))
+    policy.model.eval()  # no LoRA dropout in the comparison
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, policy.model(**batch).logits, atol=1e-4, rtol=1e-4)
     assert not any("lora" in n for n, _ in loaded.named_parameters())
+
+
+def test_export_in_bf16_records_the_dtype(tiny, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    policy = load_policy(cfg_for(tiny), "cpu", stage="sft")  # fp32 masters, as on CUDA with master_weights_fp32
+    out = export_hf(policy, tmp_path / "final", dtype=torch.bfloat16)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"BF16"}
+    assert all(p.dtype == torch.float32 for p in policy.model.parameters())  # the live model is untouched
 
 
 def test_push_to_hub_needs_token_and_never_prints_it(tmp_path, monkeypatch, capsys):

@@ -125,6 +125,41 @@ def test_chat_template_matches_qwen_layout(loaded):
                     "<|vision_start|><|image_pad|><|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n")
 
 
+def _prompt_inputs(processor, text="Q?"):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[prompt], images=[_image()], return_tensors="pt")
+
+
+def test_mrope_positions_need_mm_token_type_ids(loaded):
+    # transformers 5 builds Qwen2.5-VL's 3-D image positions only when mm_token_type_ids is passed;
+    # without it the forward silently uses 1-D positions. Training logprobs must pass it (vLLM matches
+    # transformers to ~1e-6 with it, see tests/integration/test_tiny_vllm.py).
+    model, processor = loaded
+    inputs = _prompt_inputs(processor)
+    assert "mm_token_type_ids" in inputs
+    without = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    with torch.no_grad():
+        gap = (model(**inputs).logits - model(**without).logits).abs().max()
+    assert gap > 1e-3
+
+
+def test_vision_token_ids_guard_completions(loaded):
+    model, processor = loaded
+    tok = processor.tokenizer
+    assert sorted(models.vision_token_ids(model.config)) == sorted(
+        tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    assert models.vision_token_ids(model.config.to_dict()) == models.vision_token_ids(model.config)
+    # Why rollouts must ban them: one sampled <|image_pad|> breaks the training forward.
+    inputs = _prompt_inputs(processor)
+    completion = torch.tensor([[5, model.config.image_token_id, 7]])
+    ids = torch.cat([inputs["input_ids"], completion], dim=1)
+    mm_types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+    with pytest.raises(ValueError, match="do not match"), torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_types,
+              pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+
+
 def test_config_respects_architecture_constraints(loaded):
     cfg = loaded[0].config
     text, vision = cfg.text_config, cfg.vision_config
@@ -189,7 +224,13 @@ def test_ensure_tiny_rebuilds_stale_version(tmp_path):
     assert not tiny.is_current_tiny(path)
     tiny.ensure_tiny_model(path)
     assert tiny.is_current_tiny(path)
+    # Other settings than the folder was built with also rebuild it.
+    assert not tiny.is_current_tiny(path, seed=1)
+    tiny.ensure_tiny_model(path, seed=1)
+    assert json.loads((path / tiny.STAMP_FILE).read_text())["build"]["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+    with pytest.raises(TypeError, match="unknown"):
+        tiny.is_current_tiny(path, depth=3)
 
 
 def test_resolve_local_folder_needs_config_json(tmp_path, tiny_dir):
