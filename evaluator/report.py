@@ -58,7 +58,7 @@ table.sum{border-collapse:collapse;margin-bottom:1em}table.sum td,table.sum th{b
 .verdict.right{color:#2e9d47;font-weight:bold}.verdict.wrong{color:#d33;font-weight:bold}
 pre{white-space:pre-wrap;word-break:break-word;background:#f3f3f3;padding:4px;max-height:14em;overflow:auto;
 margin:4px 0}
-body.only-wrong .card.right{display:none}
+.q{white-space:pre-wrap}body.only-wrong .card.right{display:none}
 """
 
 
@@ -71,7 +71,7 @@ def _card(record: dict, image) -> str:
     return (
         f'<div class="card {verdict}">{img}'
         f'<div><b>#{e(str(record["id"]))}</b> <span class="verdict {verdict}">{verdict.upper()}</span></div>'
-        f'<div><b>Q:</b> {e(str(record["question"]))}</div>'
+        f'<div class="q"><b>Q:</b> {e(str(record["question"]))}</div>'
         f'<pre>{e(str(record["output"]))}</pre>'
         f'<div><b>extracted:</b> {extracted} &nbsp; <b>truth:</b> {e(str(record["ground_truth"]))}</div></div>'
     )

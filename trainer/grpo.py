@@ -22,6 +22,7 @@ from suzak.config import RunConfig
 from suzak.errors import SuzakError
 from suzak.tasks import Example, Task
 from trainer import loss as grpo_loss
+from trainer.distributed import micro_batch_context
 from trainer.rollouts import (MicroBatch, PreparedPrompt, Rollout, build_micro_batch, collect_rollouts,
                               cut_micro_batches, generate_request, prepare_prompt, vision_token_ids)
 
@@ -96,6 +97,21 @@ def completion_logps(model, mb: MicroBatch, temperature: float, device) -> torch
     return result.masked_scatter(mask, logps.float())
 
 
+class PolicyLogps(torch.nn.Module):
+    """The policy as one module whose forward returns completion log-probs.
+
+    accelerate wraps *this* module (DDP / DeepSpeed / FSDP), so the forward goes through the wrapper and gradient
+    synchronisation happens, while the log-probs still skip full-vocabulary logits.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, mb: MicroBatch, temperature: float) -> torch.Tensor:
+        return completion_logps(self.model, mb, temperature, next(self.model.parameters()).device)
+
+
 class GRPOLearner:
     """Owns the policy, the optimizer, the client and the transport for the GRPO stage."""
 
@@ -114,16 +130,22 @@ class GRPOLearner:
         self.policy = load_policy(cfg, self.device)
         g = cfg.grpo
         optimizer, scheduler = build_optimizer(self.policy.model, g.optim, g.steps * g.num_iterations * g.mini_batches)
-        self.model, self.optimizer = self.acc.prepare(self.policy.model, optimizer)
+        self.wrapped, self.optimizer = self.acc.prepare(PolicyLogps(self.policy.model), optimizer)
+        self.model = self.wrapped  # what gradients, clipping and checkpoints go through
         self.scheduler = scheduler
         self.processor = self.policy.processor
         self.pad_id = self._pad_id()
-        self.vision_ids = vision_token_ids(self.acc.unwrap_model(self.model).config)
+        self.vision_ids = vision_token_ids(self.policy.model.config)
         self.sampler = PromptSampler(len(examples), cfg.seed, self.acc.process_index, self.acc.num_processes)
-        self.ckpt = CheckpointManager(self.out_dir, cfg.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(self.out_dir, cfg.checkpoint.keep_last, accelerator=self.acc)
         self.reward_fns = task.reward_functions(g.reward_mode)
         self.step_index, self.policy_version = 0, 0
         self.transport = None
+
+    @property
+    def hf_model(self):
+        """The bare transformers (or peft) model inside the accelerate wrapper."""
+        return self.acc.unwrap_model(self.wrapped).model
 
     def _pad_id(self) -> int:
         tok = self.processor.tokenizer
@@ -150,7 +172,7 @@ class GRPOLearner:
             if self.transport is None:
                 self._connect_transport()
             start = time.perf_counter()
-            weights = named_weights_for_server(self.acc.unwrap_model(self.model), self.cfg.server.dtype)
+            weights = named_weights_for_server(self.hf_model, self.cfg.server.dtype)
             stats = dict(self.transport.push(weights, self.policy_version) or {})
             stats["seconds"] = time.perf_counter() - start
         self.acc.wait_for_everyone()
@@ -171,7 +193,7 @@ class GRPOLearner:
 
         if self.transport is None:
             self._connect_transport()
-        weights = named_weights_for_server(self.acc.unwrap_model(self.model), self.cfg.server.dtype)
+        weights = named_weights_for_server(self.hf_model, self.cfg.server.dtype)
         self.transport.push(weights, self.policy_version)
 
     # ------------------------------------------------------------------ one step
@@ -215,16 +237,14 @@ class GRPOLearner:
     @torch.no_grad()
     def _frozen_logps(self, batches: list[MicroBatch], reference: bool) -> list[torch.Tensor]:
         """Log-probs under the current (old) policy, or under the reference (LoRA: adapters off)."""
-        model = self.acc.unwrap_model(self.model)
         out = []
         for mb in batches:
-            if reference and self.policy.ref_model is not None:
-                out.append(completion_logps(self.policy.ref_model, mb, self.cfg.grpo.temperature, self.device))
-            elif reference:
-                with model.disable_adapter():
-                    out.append(completion_logps(model, mb, self.cfg.grpo.temperature, self.device))
-            else:
-                out.append(completion_logps(model, mb, self.cfg.grpo.temperature, self.device))
+            with self.acc.autocast():
+                if reference:
+                    with self.policy.reference() as ref:
+                        out.append(completion_logps(ref, mb, self.cfg.grpo.temperature, self.device))
+                else:
+                    out.append(completion_logps(self.hf_model, mb, self.cfg.grpo.temperature, self.device))
         return out
 
     def update(self, rollouts: list[Rollout], prompts: list[PreparedPrompt]) -> dict[str, float]:
@@ -254,10 +274,9 @@ class GRPOLearner:
         sums: dict[str, float] = {}
         for i, (mb, old, ref) in enumerate(zip(batches, olds, refs)):
             adv = torch.tensor([rollouts[j].advantage for j in mb.rollout_indices], device=self.device)
-            sync = i == len(batches) - 1
-            ctx = self.acc.no_sync(self.model) if not sync else _nullcontext()
-            with ctx:
-                logps = completion_logps(self.model, mb, g.temperature, self.device)
+            with micro_batch_context(self.acc, self.wrapped, last=i == len(batches) - 1):
+                with self.acc.autocast():
+                    logps = self.wrapped(mb, g.temperature)
                 loss, metrics = grpo_loss.policy_loss(
                     logps, old, adv, mb.completion_mask.to(self.device), loss_type=g.loss_type, beta=g.beta,
                     ref_logps=ref, eps_low=g.eps_low, eps_high=g.eps_high,
@@ -316,13 +335,13 @@ class GRPOLearner:
 
     def save(self) -> Path:
         extra = {"step": self.step_index, "policy_version": self.policy_version, "sampler": self.sampler.state_dict()}
-        return self.ckpt.save(self.step_index, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, extra)
+        return self.ckpt.save(self.step_index, self.wrapped, self.optimizer, self.scheduler, extra)
 
     def resume(self) -> bool:
         latest = self.ckpt.latest()
         if latest is None:
             return False
-        extra = self.ckpt.load(latest, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        extra = self.ckpt.load(latest, self.wrapped, self.optimizer, self.scheduler)
         self.step_index, self.policy_version = extra["step"], extra["policy_version"]
         self.sampler.load_state_dict(extra["sampler"])
         print(f"resumed GRPO from {latest} (step {self.step_index}, policy version {self.policy_version})")
@@ -351,16 +370,13 @@ class GRPOLearner:
     def export(self, out_dir: Path) -> Path:
         from trainer.model_setup import export_hf
 
-        self.policy.model = self.acc.unwrap_model(self.model)
+        self.policy.model = self.hf_model
+        from trainer.distributed import is_sharded
+
+        state = self.acc.get_state_dict(self.wrapped) if is_sharded(self.acc) else None
+        if state is not None:  # gathered from the shards; names carry the wrapper's "model." prefix
+            state = {k.removeprefix("model."): v for k, v in state.items()}
         if self.acc.is_main_process:
-            export_hf(self.policy, out_dir)
+            export_hf(self.policy, out_dir, state_dict=state)
         self.acc.wait_for_everyone()
         return out_dir
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -447,6 +447,10 @@ def load_policy(cfg, device, *, stage: str = "grpo") -> Policy:
     if m.lora.enabled and m.freeze_lm:
         raise SuzakError("model.lora.enabled with model.freeze_lm leaves nothing to train: LoRA adapts the language "
                          "model; drop freeze_lm")
+    if stage == "grpo" and cfg.grpo.beta > 0 and not m.lora.enabled and strategy().startswith(("zero3", "fsdp")):
+        raise SuzakError(f"grpo.beta > 0 with SUZAK_STRATEGY={strategy()} would need a sharded reference model, which "
+                         "suzak does not build: use model.lora.enabled=true (reference = adapters off), "
+                         "SUZAK_STRATEGY=zero2, or grpo.beta=0")
     total = _device_total(device)
     if total is not None and os.environ.get(SKIP_CHECK_ENV, "") in ("", "0"):
         check_fits(cfg, total, stage=stage)

@@ -79,6 +79,18 @@ def clean_metrics(metrics: dict) -> dict:
     return out
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'grpo': {'beta': 0.0}} -> {'grpo.beta': 0.0} (lists become strings), for dashboards' config panels."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
 def _fmt(value) -> str:
     if value is None:
         return "nan"
@@ -163,6 +175,7 @@ class Monitor:
     """Per-stage metrics sink; a no-op on processes other than the main one."""
 
     def __init__(self, out_dir, logging_cfg, total_steps: int, stage: str, *, config: dict | None = None):
+        """config: the run's config as a dict (cfg.model_dump()), shown in wandb's config panel."""
         self.out_dir = Path(out_dir)
         self.cfg = logging_cfg
         self.total_steps = total_steps
@@ -203,7 +216,7 @@ class Monitor:
         id_file.write_text(run_id)
         return wandb.init(project=os.environ.get("WANDB_PROJECT", "suzak"), entity=os.environ.get("WANDB_ENTITY"),
                           name=f"{self.out_dir.name}-{self.stage}", id=run_id, resume="allow",
-                          dir=str(self.out_dir), config=clean_metrics(config or {}), group=self.out_dir.name)
+                          dir=str(self.out_dir), config=clean_metrics(flatten(config or {})), group=self.out_dir.name)
 
     def _drop_stale_lines(self, step: int) -> None:
         """After a resume, lines logged past the checkpoint by the crashed run are replaced by the new ones."""

@@ -180,11 +180,11 @@ def _to_device(batch: dict, device) -> dict:
 class SFTStepper:
     """One optimizer step: collate the step's micro-batches, token-mean loss across them and all processes."""
 
-    def __init__(self, accelerator, model, optimizer, scheduler, collator: SFTCollator, stream: ExampleStream,
-                 sft_cfg):
+    def __init__(self, accelerator, model, optimizer, scheduler, collator: SFTCollator, examples: list[Example],
+                 sft_cfg, seed: int):
         self.acc, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.collator, self.stream, self.cfg = collator, stream, sft_cfg
-        self.examples: list[Example] = []
+        self.collator, self.examples, self.cfg = collator, examples, sft_cfg
+        self.stream = ExampleStream(len(examples), seed)
 
     @property
     def global_batch(self) -> int:
@@ -262,8 +262,7 @@ def run_sft(cfg, examples: list[Example], task: Task, out_dir) -> Path:
 
     collator = SFTCollator(policy.processor, task, prompt=cfg.data.train_prompt, system=cfg.data.system_prompt,
                            mask_prompt=cfg.sft.mask_prompt)
-    stepper = SFTStepper(acc, model, optimizer, scheduler, collator, ExampleStream(len(examples), cfg.seed), cfg.sft)
-    stepper.examples = examples
+    stepper = SFTStepper(acc, model, optimizer, scheduler, collator, examples, cfg.sft, cfg.seed)
     ckpt = CheckpointManager(stage_dir, cfg.checkpoint.keep_last, accelerator=acc)
     step, position = 0, 0
     latest = ckpt.latest() if cfg.checkpoint.resume else None
@@ -277,7 +276,7 @@ def run_sft(cfg, examples: list[Example], task: Task, out_dir) -> Path:
         ckpt.save(step, acc.unwrap_model(model), optimizer, scheduler,
                   {"examples_seen": position, "epoch": position / len(examples), "total_steps": total})
 
-    monitor = Monitor(out, cfg.logging, total, "sft")
+    monitor = Monitor(out, cfg.logging, total, "sft", config=cfg.model_dump(mode="json"))
     saved = step
     try:
         while step < total:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,13 +122,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def smart_resize_copy(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """qwen-vl-utils' smart_resize, line for line, for machines without that package (tests check they agree)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _smart_resize():
+    try:
+        from qwen_vl_utils.vision_process import smart_resize
+    except ImportError:  # e.g. a server image without qwen-vl-utils: the same arithmetic
+        return smart_resize_copy
+    return smart_resize
+
+
 @lru_cache(maxsize=4096)
 def budget_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """(height, width) the model sees for an image of this size: qwen-vl-utils' smart_resize, factor 28."""
-    from qwen_vl_utils.vision_process import smart_resize
-
     try:
-        return tuple(smart_resize(height, width, factor=PATCH_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels))
+        return tuple(_smart_resize()(height, width, factor=PATCH_FACTOR, min_pixels=min_pixels,
+                                     max_pixels=max_pixels))
     except (ValueError, AssertionError) as e:
         raise SuzakError(f"image of {width}x{height} cannot be resized to [{min_pixels}, {max_pixels}] pixels: {e}") \
             from None

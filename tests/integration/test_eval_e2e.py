@@ -27,7 +27,7 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 FIELDS = ["id", "image_path", "question", "ground_truth", "output", "extracted", "correct"]
 # Overrides must come right after the benchmark name (argparse stops collecting positionals at the first flag).
-SMALL = ["eval.max_new_tokens=32", "logging.progress=false"]
+SMALL = ["eval.max_new_tokens=32", "logging.progress=false", "server.enforce_eager=true"]  # eager: no compile, faster start
 
 
 def _suzak(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -59,7 +59,7 @@ def shared_server(tiny_model, tmp_path_factory):
     from suzak.config import load_config
     from vllm_server.client import start_local_server, stop_local_server
 
-    cfg = load_config(None, [f"model.name_or_path={tiny_model}"])
+    cfg = load_config(None, [f"model.name_or_path={tiny_model}", "server.enforce_eager=true"])
     process, url = start_local_server(cfg, tmp_path_factory.mktemp("server") / "server.log")
     yield url
     stop_local_server(process)

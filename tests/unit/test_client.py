@@ -399,3 +399,14 @@ def test_packed_chunk_layout_is_what_vllms_consumer_unpacks():
     # A wider dtype at an odd offset could not be viewed in place by vLLM: refused up front.
     with pytest.raises(SuzakError, match="would start at byte 60, not a multiple of 8"):
         chunk.add("d", torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64).view(torch.uint8))
+
+
+def test_smart_resize_copy_matches_qwen_vl_utils():
+    from qwen_vl_utils.vision_process import smart_resize
+
+    from vllm_server.images import smart_resize_copy
+
+    sizes = [(h, w) for h in (28, 50, 167, 320, 480, 999, 2048) for w in (31, 224, 333, 640, 1500, 4000)]
+    for lo, hi in ((3136, 100352), (3136, 401408), (784, 12845056)):
+        for h, w in sizes:
+            assert smart_resize_copy(h, w, 28, lo, hi) == tuple(smart_resize(h, w, 28, lo, hi)), (h, w, lo, hi)
