@@ -46,8 +46,10 @@ def _resolve_config(args: argparse.Namespace, extra: list[str] | None = None):
     from suzak.config import load_config
 
     path = args.config
-    if path is None and Path("configs/tiny_clevr.yaml").is_file() and args.command == "train":
-        path = "configs/tiny_clevr.yaml"
+    if path is None and args.command in ("train", "config"):
+        # The embedded default recipe ships beside the package (configs/ at the repo root).
+        default = Path(__file__).resolve().parents[1] / "configs" / "tiny_clevr.yaml"
+        path = default if default.is_file() else None
     return load_config(path, list(args.overrides) + list(extra or []))
 
 
@@ -187,7 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _load_dotenv()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Dotted overrides may sit anywhere (`suzak eval superclevr --model M eval.limit=4`): argparse stops
+    # collecting positionals at the first flag, so pick the stragglers up here.
+    args, unknown = parser.parse_known_args(argv)
+    stray = [u for u in unknown if "=" in u and not u.startswith("-")]
+    if len(stray) != len(unknown) or (stray and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(u for u in unknown if u not in stray) or ' '.join(stray)}")
+    if stray:
+        args.overrides = list(args.overrides) + stray
     try:
         return int(args.func(args) or 0)
     except SuzakError as e:

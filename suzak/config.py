@@ -84,6 +84,8 @@ class SynthConfig(Section):
     """Height of generated images in pixels."""
     total_count_fraction: float = Field(1.0, ge=0.0, le=1.0)
     """Fraction of CLEVR questions that ask for the total count (the rest ask attribute counts)."""
+    thinking: Literal["describe", "enumerate"] = "describe"
+    """SFT thinking text: describe (list every object, then the count) or enumerate (count aloud "1 2 3", a short scratchpad small models can follow)."""
 
 
 class DataConfig(Section):

@@ -296,7 +296,11 @@ class VLLMEngine(Engine):
                  ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "weight_transfer_config"))
         self.processor = load_processor(self.model_path, min_pixels=cfg.model.min_pixels,
                                         max_pixels=cfg.model.max_pixels)
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        from vllm.usage.usage_lib import UsageContext
+
+        # LLM_CLASS picks vLLM's batch-throughput defaults (H100: 16384 batched tokens); the engine default
+        # chunks prefill at 2048 tokens, which measured 0.67x the offline LLM's throughput on a GRPO batch.
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)
         if on_cuda:
             self.gpu_uuids = self._gpu_uuids(current_platform)
 

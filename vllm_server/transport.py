@@ -280,7 +280,7 @@ class IPCTransport(WeightTransport):
         if chunk is None:
             raise SuzakError("no weights to push: named_tensors was empty")
         resp = self._send_chunk(chunk, uuid, version, sent, end=True)
-        sent.update(version=resp.policy_version, server_timings=resp.timings)
+        sent["version"] = resp.policy_version
         return sent
 
     @staticmethod
@@ -300,6 +300,9 @@ class IPCTransport(WeightTransport):
         sent["tensors"] += len(chunk.names)
         sent["bytes"] += chunk.used
         sent["server_s"] += resp.seconds
+        timings = sent.setdefault("server_timings", {})
+        for key, value in resp.timings.items():
+            timings[key] = timings.get(key, 0.0) + value
         return resp
 
     @staticmethod

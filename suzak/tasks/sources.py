@@ -192,6 +192,15 @@ def synth_examples(task: Task, synth=None) -> list[Example]:
     examples = []
     for i, s in enumerate(samples):
         gt = int(s.answer) if task.answer_type == "number" else s.answer
+        thinking = s.thinking
+        if cfg.thinking == "enumerate" and task.answer_type == "number":
+            thinking = enumerate_thinking(int(s.answer))
         examples.append(Example(id=f"synth-{cfg.seed}-{i}", problem=s.problem, answer=s.answer, image=s.image,
-                                thinking=s.thinking, ground_truth=gt, meta=dict(s.meta)))
+                                thinking=thinking, ground_truth=gt, meta=dict(s.meta)))
     return examples
+
+
+def enumerate_thinking(count: int) -> str:
+    """'<think> 1 2 3 </think>': counting aloud, one object per step (an empty count says so)."""
+    steps = " ".join(str(k) for k in range(1, count + 1)) or "none"
+    return f"<think> {steps} </think>"
