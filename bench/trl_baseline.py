@@ -37,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo_step  # noqa: E402  (also sets the offline / vLLM environment defaults)
 from make_arch import ARCH_CHOICES, build_random_model, has_weights, make_arch  # noqa: E402
 
+from suzak.errors import SuzakError  # noqa: E402
+
 LIGHTER = {"full": "frozen_vision", "frozen_vision": "lora"}
+TRL_MODULES = ["torch", "transformers", "accelerate", "peft", "trl", "datasets", "yaml", "PIL"]
 ATTEMPT_PREFIX = "ATTEMPT_RESULT "  # a child's answer; only the orchestrator prints RESULT
 
 
@@ -129,7 +132,7 @@ def _patch_trl_for_random_weights(folder: Path) -> None:
 
         dtype = kw.get("dtype", torch.float32)
         dtype = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-        return build_random_model(model_id, dtype=dtype, device="cpu",
+        return build_random_model(model_id, dtype=dtype, device=None,  # the GPU when there is one
                                   attn_implementation=kw.get("attn_implementation") or "sdpa")
 
     vg.LLM = dummy_llm
@@ -163,13 +166,15 @@ def _lora_config():
 
 def _dataset(args, processor):
     """The bench's prompts as TRL wants them: a conversational prompt and an `image` column."""
+    from datasets import Dataset
+
     from suzak.tasks import get_task
 
     task = get_task("clevr_count")
     examples, shape = grpo_step.make_examples(args, processor, task)
     rows = [{"prompt": [{"role": "user", "content": task.prompt_text(e.problem, "train")}], "image": e.image}
             for e in examples]
-    return rows, shape
+    return Dataset.from_list(rows), shape
 
 
 def _trl_config(args, attempt: dict, out_dir: Path, on_cuda: bool):
@@ -219,8 +224,7 @@ def run_attempt(args, attempt: dict) -> dict:
     trainer.train()
     steps = clock.steps()
     timed = steps[args.warmup:]
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainable, n_params = grpo_step.model_params(trainer.model)
     step_s = sum(s["step_s"] for s in timed) / len(timed)
     tokens = sum(s["tokens"] for s in timed) / len(timed)
     last = next((log for log in reversed(clock.logs) if "completions/mean_length" in log), {})
@@ -241,7 +245,7 @@ def run_attempt(args, attempt: dict) -> dict:
                     "freeze_vision": mode in ("lora", "frozen_vision"),
                     "gpu_memory_utilization": args.gpu_memory_utilization, "ignore_eos": True,
                     "generation_kwargs": trainer.args.generation_kwargs},
-        "steps": steps, "trl_timing_logs": {k: v for k, v in last.items() if k.startswith("profiling/")},
+        "steps": steps, "trl_step_time_s": last.get("step_time"),
     }
 
 
@@ -253,7 +257,7 @@ def first_attempt(args) -> tuple[dict, str | None]:
     import torch
 
     on_cuda = torch.cuda.is_available()
-    device_total = float(torch.cuda.get_device_properties(0).total_memory) if on_cuda else None
+    device_total = _gpu_total_bytes() if on_cuda else None
     folder = make_arch(args.work / "models" / args.arch, args.arch)
     base = grpo_step.base_overrides(args, folder, args.work / "runs" / "trl-estimate", on_cuda)
     mode, _ = grpo_step.choose_training(args, base, device_total)
@@ -261,6 +265,16 @@ def first_attempt(args) -> tuple[dict, str | None]:
         return {"train": mode, "use_vllm": True}, None
     return {"train": mode, "use_vllm": False}, "no CUDA GPU: TRL's vllm_mode='colocate' needs vLLM on a GPU, so " \
         "this CPU run uses transformers generation (use_vllm=False)"
+
+
+def _gpu_total_bytes() -> float:
+    """The card's memory, read without a CUDA context in this process (the child needs the whole card)."""
+    try:
+        return float(grpo_step._nvidia_smi("--query-gpu=memory.total")[0][0]) * 2**20
+    except Exception:  # noqa: BLE001 - no nvidia-smi: ask torch
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory)
 
 
 def next_attempt(attempt: dict, log_tail: str) -> tuple[dict | None, str]:
@@ -281,32 +295,44 @@ def run_child(argv: list[str], attempt: dict) -> tuple[dict | None, str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--attempt", json.dumps(attempt)]
     tail: collections.deque[str] = collections.deque(maxlen=300)
     result = None
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
         for line in proc.stdout:
             print(line, end="", flush=True)
             tail.append(line)
             if line.startswith(ATTEMPT_PREFIX):
                 result = json.loads(line[len(ATTEMPT_PREFIX):])
+        proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted (SIGTERM from `timeout`): the child and its GPU memory go too
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     return (result if proc.returncode == 0 else None), "".join(tail)
 
 
 def orchestrate(args, argv: list[str]) -> dict:
+    grpo_step.preflight(TRL_MODULES)
     attempt, note = first_attempt(args)
-    tried = []
+    tried: list[dict] = []
+    notes = [note] if note else []
     if note:
         print(f"[trl] {note}", flush=True)
-        tried.append({"setting": dict(attempt), "note": note})
     while attempt is not None:
         print(f"[trl] attempt: {attempt}", flush=True)
         result, tail = run_child(argv, attempt)
         if result is not None:
             result["attempts"] = tried + [{"setting": attempt, "ok": True}]
+            result["notes"] = notes
             return result
         following, why = next_attempt(attempt, tail)
         print(f"[trl] attempt {attempt} failed: {why}", flush=True)
         tried.append({"setting": attempt, "ok": False, "why": why, "error": _last_error(tail)})
         attempt = None if args.no_fallback else following
-    return {"bench": "trl_baseline", "arch": args.arch, "error": "every attempt failed", "attempts": tried}
+    return {"bench": "trl_baseline", "arch": args.arch, "error": "every attempt failed", "attempts": tried,
+            "notes": notes}
 
 
 def _last_error(tail: str) -> str:
@@ -317,10 +343,15 @@ def _last_error(tail: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    grpo_step._exit_on_sigterm()
     if args.attempt:
         print(ATTEMPT_PREFIX + json.dumps(run_attempt(args, json.loads(args.attempt))), flush=True)
         return 0
-    result = orchestrate(args, argv)
+    try:
+        result = orchestrate(args, argv)
+    except SuzakError as e:
+        print(f"[trl] error: {e}", file=sys.stderr)
+        return 2
     print("RESULT " + json.dumps(result), flush=True)
     if os.environ.get("OUT"):
         target = Path(os.environ["OUT"]) / f"trl_baseline_{args.arch}.json"

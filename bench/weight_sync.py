@@ -136,7 +136,7 @@ def run(args) -> None:
         if transport_name == "ipc":
             transport = IPCTransport(packed=args.packed, bucket_mb=args.bucket_mb)
         elif transport_name == "nccl":
-            transport = NCCLTransport(master_port=cfg.server.nccl_port, bucket_mb=args.bucket_mb)
+            transport = NCCLTransport(master_port=cfg.server.nccl_port, bucket_mb=args.bucket_mb, device=device)
         else:
             transport = FilesTransport(out / "push", bucket_mb=args.bucket_mb)
         t = time.perf_counter()

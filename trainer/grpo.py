@@ -165,15 +165,15 @@ class GRPOLearner:
 
     def push_weights(self) -> dict:
         """Send the current weights to the server as policy version `self.policy_version` (rank 0 sends)."""
-        from trainer.weights import named_weights_for_server
+        from trainer.weights import server_weights
 
         stats = {}
         if self.acc.is_main_process:
             if self.transport is None:
                 self._connect_transport()
             start = time.perf_counter()
-            weights = named_weights_for_server(self.hf_model, self.cfg.server.dtype)
-            stats = dict(self.transport.push(weights, self.policy_version) or {})
+            with server_weights(self.hf_model, self.cfg.server.dtype) as weights:
+                stats = dict(self.transport.push(weights, self.policy_version) or {})
             stats["seconds"] = time.perf_counter() - start
         self.acc.wait_for_everyone()
         return stats
@@ -189,12 +189,12 @@ class GRPOLearner:
             self.push_weights_main_only()
 
     def push_weights_main_only(self) -> None:
-        from trainer.weights import named_weights_for_server
+        from trainer.weights import server_weights
 
         if self.transport is None:
             self._connect_transport()
-        weights = named_weights_for_server(self.hf_model, self.cfg.server.dtype)
-        self.transport.push(weights, self.policy_version)
+        with server_weights(self.hf_model, self.cfg.server.dtype) as weights:
+            self.transport.push(weights, self.policy_version)
 
     # ------------------------------------------------------------------ one step
 

@@ -40,12 +40,16 @@ def merged_lora(model):
             model.unmerge_adapter()
 
 
-def named_weights_for_server(model, dtype: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (hf_name, tensor) for every base weight; adapters' own lora_A/lora_B tensors are skipped."""
+@contextmanager
+def server_weights(model, dtype: str = "auto"):
+    """`with server_weights(model) as weights: transport.push(weights, v)`: (hf_name, tensor) for every base weight.
+
+    LoRA stays merged until the block ends: the ipc transport shares the tensors' memory and the server reads
+    them during the push, so unmerging any earlier would hand it the base weights. Adapter tensors are skipped.
+    """
     device = next(model.parameters()).device
     target = server_dtype(dtype, device)
     with merged_lora(model):
-        for name, tensor in model.state_dict().items():
-            if "lora_" in name or "modules_to_save" in name:
-                continue
-            yield _clean_name(name), tensor.detach().to(target).contiguous()
+        yield ((_clean_name(name), tensor.detach().to(target).contiguous())
+               for name, tensor in model.state_dict().items()
+               if "lora_" not in name and "modules_to_save" not in name)

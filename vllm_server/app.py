@@ -21,6 +21,7 @@ import hmac
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -84,7 +85,11 @@ def _load_prompt_images(index: int, prompt: wire.Prompt, info: wire.ModelInfo) -
 
 def prepare_prompts(req: wire.GenerateRequest, info: wire.ModelInfo) -> list[PreparedPrompt]:
     """Load and check every image of a request (400 naming the field of the first bad one)."""
-    return [_load_prompt_images(i, p, info) for i, p in enumerate(req.prompts)]
+    if len(req.prompts) < 4:
+        return [_load_prompt_images(i, p, info) for i, p in enumerate(req.prompts)]
+    # PNG/JPEG decoding releases the GIL: a few threads cut a 64-image batch's decode time several-fold.
+    with ThreadPoolExecutor(max_workers=min(8, len(req.prompts))) as pool:
+        return list(pool.map(lambda ip: _load_prompt_images(ip[0], ip[1], info), enumerate(req.prompts)))
 
 
 # --------------------------------------------------------------------------- the app

@@ -12,6 +12,7 @@ an error answer (4xx/5xx) raises a SuzakError carrying the server's JSON error a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -60,12 +61,15 @@ class RolloutClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _request(self, method: str, path: str, *, json: Any = None, retries: int | None = None) -> httpx.Response:
+    def _request(self, method: str, path: str, *, content: bytes | None = None,
+                 retries: int | None = None) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if content is not None:
+            headers["Content-Type"] = "application/json"
         attempts = (self.retries if retries is None else retries) + 1
         for attempt in range(attempts):
             try:
-                return self.http.request(method, path, json=json, headers=headers)
+                return self.http.request(method, path, content=content, headers=headers)
             except RETRYABLE as e:
                 if attempt == attempts - 1:
                     raise SuzakError(f"no rollout server at {self.url} ({type(e).__name__}: {e}): start one with "
@@ -79,12 +83,20 @@ class RolloutClient:
                                  "raise server.request_timeout_s or send smaller batches") from None
         raise AssertionError("unreachable")
 
-    def _call(self, method: str, path: str, body: Any = None, *, retries: int | None = None) -> Any:
-        payload = body.model_dump(mode="json") if hasattr(body, "model_dump") else body
-        resp = self._request(method, path, json=payload, retries=retries)
+    def _call(self, method: str, path: str, body: Any = None, *, retries: int | None = None,
+              model: type | None = None) -> Any:
+        """JSON of the answer, parsed as `model` (a wire type) when given; SuzakError on a 4xx/5xx."""
+        # pydantic's own JSON encoder: several times faster than json.dumps on a batch of data-URL images.
+        if body is None:
+            content = None
+        elif hasattr(body, "model_dump_json"):
+            content = body.model_dump_json().encode()
+        else:
+            content = json.dumps(body).encode()
+        resp = self._request(method, path, content=content, retries=retries)
         if resp.status_code >= 400:
             raise SuzakError(self._describe_error(method, path, resp))
-        return resp.json()
+        return model.model_validate_json(resp.content) if model is not None else resp.json()
 
     def _describe_error(self, method: str, path: str, resp: httpx.Response) -> str:
         try:
@@ -129,12 +141,12 @@ class RolloutClient:
                          + _log_tail(log_path))
 
     def info(self) -> wire.ModelInfo:
-        return wire.ModelInfo.model_validate(self._call("GET", "/info"))
+        return self._call("GET", "/info", model=wire.ModelInfo)
 
     # ------------------------------------------------------------------ generation
 
     def generate(self, req: wire.GenerateRequest) -> wire.GenerateResponse:
-        return wire.GenerateResponse.model_validate(self._call("POST", "/generate", req))
+        return self._call("POST", "/generate", req, model=wire.GenerateResponse)
 
     def prepare_images(self, req: wire.GenerateRequest, info: wire.ModelInfo | None = None) -> wire.GenerateRequest:
         """A copy of `req` whose images fit the server's pixel budget (resized ones are sent as PNG data URLs).
@@ -150,7 +162,7 @@ class RolloutClient:
         return self._call("POST", "/weights/init", req)
 
     def update_weights(self, req: wire.WeightUpdateRequest) -> wire.WeightUpdateResponse:
-        return wire.WeightUpdateResponse.model_validate(self._call("POST", "/weights", req))
+        return self._call("POST", "/weights", req, model=wire.WeightUpdateResponse)
 
     def push_weights(self, named_tensors: Iterable, version: int, transport: WeightTransport) -> dict:
         """Send weights through `transport` (initialised on first use) and return its stats."""

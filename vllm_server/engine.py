@@ -245,13 +245,17 @@ class VLLMEngine(Engine):
     # ------------------------------------------------------------------ start / stop
 
     async def start(self) -> None:
+        self.init_state()
+        # Building the engine blocks for tens of seconds; a thread keeps /health answering meanwhile.
+        await asyncio.to_thread(self._build)
+        self.ready = True
+
+    def init_state(self) -> None:
+        """The asyncio primitives of weight updates (made inside the running event loop)."""
         self._update_lock = asyncio.Lock()
         self._settled, self._idle = asyncio.Event(), asyncio.Event()
         self._settled.set()
         self._idle.set()
-        # Building the engine blocks for tens of seconds; a thread keeps /health answering meanwhile.
-        await asyncio.to_thread(self._build)
-        self.ready = True
 
     def _build(self) -> None:
         from suzak.models import load_processor, resolve_model_path
@@ -281,7 +285,14 @@ class VLLMEngine(Engine):
             limit_mm_per_prompt={"image": MAX_IMAGES_PER_PROMPT, "video": 0},
             mm_processor_kwargs={"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels},
             enable_sleep_mode=self.can_sleep, disable_log_stats=True,
+            # Log-probs of the distribution actually sampled from (after temperature), which is what the learner
+            # recomputes (logits / T); raw log-probs would differ from it at any temperature != 1.
+            logprobs_mode="processed_logprobs",
         )
+        if not on_cuda:
+            # A chunked (partial) prefill makes vLLM rewind the request's seeded generator, which CPU generators
+            # cannot do ("CPU Generator does not use offset"): prefill whole prompts instead.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(srv.max_model_len, 16384))
         if self.backend is not None:
             from vllm.config.weight_transfer import WeightTransferConfig
 
@@ -430,7 +441,7 @@ class VLLMEngine(Engine):
             if req.transport == "files":
                 if not (req.begin and req.end):
                     raise RequestError("a files push is one message: begin and end must both be true", field="begin")
-                shards, count = safetensors_shards(req.path)
+                _, count = safetensors_shards(req.path)
             else:
                 adapter = self._require_backend(req.transport)
                 if not req.payload:
@@ -473,12 +484,16 @@ class VLLMEngine(Engine):
             log.warning("a %s weight update was left open (learner restarted?); closing it first", self._open_update)
             await self._abandon_update()
         self._settled.clear()
-        await self._timed(timings, "drain", self._idle.wait())
-        # Nothing is in flight now; pausing still matters: it clears the prefix-KV, mm and encoder caches.
-        await self._timed(timings, "pause", self.llm.pause_generation(mode="wait", clear_cache=True))
-        if req.transport != "files":
-            await self._timed(timings, "start", self.llm.start_weight_update())
         self._open_update = req.transport
+        try:
+            await self._timed(timings, "drain", self._idle.wait())
+            # Nothing is in flight now; pausing still matters: it clears the prefix-KV, mm and encoder caches.
+            await self._timed(timings, "pause", self.llm.pause_generation(mode="wait", clear_cache=True))
+            if req.transport != "files":
+                await self._timed(timings, "start", self.llm.start_weight_update())
+        except BaseException:
+            await self._abandon_update()
+            raise
 
     async def _load(self, req: wire.WeightUpdateRequest, update_info: dict | None) -> None:
         if req.transport == "files":

@@ -322,8 +322,10 @@ class NCCLTransport(WeightTransport):
     name = "nccl"
 
     def __init__(self, master_address: str | None = None, master_port: int = 29555, packed: bool = True,
-                 bucket_mb: int = 1024, num_buffers: int = 2):
+                 bucket_mb: int = 1024, num_buffers: int = 2, device=None):
         super().__init__()
+        self.device = device
+        """The learner's GPU (default: the current CUDA device); NCCL refuses two ranks on one GPU."""
         self.master_address = master_address or os.environ.get("SUZAK_NCCL_ADDRESS", "127.0.0.1")
         self.master_port = master_port
         self.packed = packed
@@ -344,11 +346,14 @@ class NCCLTransport(WeightTransport):
                      "packed": self.packed, "packed_buffer_size_bytes": self.bucket_bytes,
                      "packed_num_buffers": self.num_buffers}
         req = wire.TransportInitRequest(transport="nccl", init_info=init_info)
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        self.device = torch.device(self.device if self.device is not None else torch.cuda.current_device())
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        with ThreadPoolExecutor(max_workers=1) as pool, torch.cuda.device(self.device):
             # The server's worker blocks in the rendezvous until this rank joins: both must run at once.
             future = pool.submit(client.init_transport, req)
             self.group = stateless_init_process_group(self.master_address, self.master_port, 0, 2,
-                                                      torch.cuda.current_device())
+                                                      self.device.index)
             future.result()
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> dict:
@@ -363,8 +368,9 @@ class NCCLTransport(WeightTransport):
         pool = ThreadPoolExecutor(max_workers=1)
         try:
             future = pool.submit(self._send, version, payload=payload)
-            self._broadcast(items)
-            torch.cuda.synchronize()
+            with torch.cuda.device(self.device):  # the producer's streams belong to the current device
+                self._broadcast(items)
+                torch.cuda.synchronize()
             resp = future.result()
         finally:
             # Never join here: after a failed broadcast the server's receive never returns.
@@ -425,5 +431,5 @@ def choose_transport(cfg: RunConfig, learner_device, server_info: wire.ModelInfo
     if mode == "ipc":
         return IPCTransport(packed=False, bucket_mb=srv.bucket_mb)
     if mode == "nccl":
-        return NCCLTransport(master_port=srv.nccl_port, bucket_mb=srv.bucket_mb)
+        return NCCLTransport(master_port=srv.nccl_port, bucket_mb=srv.bucket_mb, device=device)
     return FilesTransport(folder or Path(out_dir or cfg.out_dir) / "weights_push", bucket_mb=srv.bucket_mb)

