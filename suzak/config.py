@@ -160,6 +160,8 @@ class GRPOConfig(Section):
     """Nucleus sampling of the rollouts."""
     top_k: int = Field(-1, ge=-1)
     """Top-k sampling of the rollouts (-1: off)."""
+    ignore_eos: bool = False
+    """Generate exactly max_completion_tokens per rollout (benchmarks: fixed-length steps)."""
     loss_type: Literal["r1v", "clip", "dapo", "dr_grpo"] = "clip"
     """Policy loss: r1v (no clip, k3 KL, sequence mean), clip (PPO-style), dapo (token mean), dr_grpo."""
     beta: float = Field(0.0, ge=0)

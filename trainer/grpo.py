@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,13 +62,10 @@ class PromptSampler:
 
 
 def split_backbone(model):
-    """(backbone, lm_head) of a (possibly peft-wrapped) Qwen2.5-VL, so log-probs never need full-vocab logits for every position."""
-    inner = model
-    for attr in ("module", "base_model", "model"):
-        # peft: PeftModel.base_model (LoraModel).model (the HF model); DDP: .module
-        if hasattr(inner, "lm_head"):
-            break
-        inner = getattr(inner, attr, inner)
+    """(backbone, lm_head) of a (possibly DDP- and peft-wrapped) Qwen2.5-VL, so log-probs never need full-vocab logits."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):  # peft forwards attribute lookups, so unwrap explicitly
+        inner = inner.get_base_model()
     if not hasattr(inner, "lm_head") or not hasattr(inner, "model"):
         raise SuzakError(f"unsupported model class {type(model).__name__}: expected a Qwen2.5-VL with .model and .lm_head")
     return inner.model, inner.lm_head
@@ -196,12 +194,28 @@ class GRPOLearner:
         with server_weights(self.hf_model, self.cfg.server.dtype) as weights:
             self.transport.push(weights, self.policy_version)
 
+    @contextmanager
+    def server_asleep(self):
+        """Free the server's GPU memory (weights and KV cache) while the learner updates, when configured."""
+        asleep = False
+        if self.cfg.server.sleep_during_update and self.acc.is_main_process:
+            info = self.client.info()
+            if info.can_sleep:
+                self.client.sleep(level=1)
+                asleep = True
+        try:
+            yield
+        finally:
+            if asleep:
+                self.client.wake()
+            self.acc.wait_for_everyone()
+
     # ------------------------------------------------------------------ one step
 
     def generate(self, prompts: list[PreparedPrompt]) -> list[Rollout]:
         g = self.cfg.grpo
         req = generate_request(prompts, n=g.num_generations, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                               max_tokens=g.max_completion_tokens,
+                               max_tokens=g.max_completion_tokens, ignore_eos=g.ignore_eos,
                                seed=self.cfg.seed * 1_000_003 + self.step_index * 1009 + self.acc.process_index)
         response = self.client.generate(req)
         return collect_rollouts(prompts, response, vision_token_ids=self.vision_ids)
@@ -315,7 +329,8 @@ class GRPOLearner:
             metrics = self.score(rollouts, prompts)
             metrics.update(self.advantages(rollouts))
         with timer("update"):
-            metrics.update(self.update(rollouts, prompts))
+            with self.server_asleep():
+                metrics.update(self.update(rollouts, prompts))
         self.step_index += 1
         self.policy_version += 1
         with timer("weight_sync"):

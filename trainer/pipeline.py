@@ -155,8 +155,9 @@ def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, o
             results["grpo"] = evaluate_sets(cfg, client, "grpo", out, sets)
     finally:
         if process is not None:
-            process.terminate()
-            process.wait(timeout=60)
+            from vllm_server.client import stop_local_server
+
+            stop_local_server(process)
     return results
 
 
@@ -243,5 +244,6 @@ def _eval_only(cfg: RunConfig, model_path: str, out: Path) -> dict:
         return {"sft": evaluate_sets(cfg, client, "sft", out, sets)}
     finally:
         if process is not None:
-            process.terminate()
-            process.wait(timeout=60)
+            from vllm_server.client import stop_local_server
+
+            stop_local_server(process)

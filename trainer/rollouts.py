@@ -71,11 +71,11 @@ def _to_hf_message(message: dict) -> dict:
 
 
 def generate_request(prompts: list[PreparedPrompt], *, n: int, temperature: float, top_p: float, top_k: int,
-                     max_tokens: int, seed: int | None) -> GenerateRequest:
+                     max_tokens: int, seed: int | None, ignore_eos: bool = False) -> GenerateRequest:
     return GenerateRequest(
         prompts=[Prompt(messages=[ChatMessage.model_validate(m) for m in p.messages]) for p in prompts],
         sampling=SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                                seed=seed, logprobs=True))
+                                seed=seed, ignore_eos=ignore_eos, logprobs=True))
 
 
 def collect_rollouts(prompts: list[PreparedPrompt], response: GenerateResponse, *, vision_token_ids: set[int],

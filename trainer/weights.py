@@ -7,7 +7,6 @@ Used by trainer/grpo.py before every push (`suzak train`). vLLM's Qwen2.5-VL loa
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -28,28 +27,21 @@ def _clean_name(name: str) -> str:
 
 
 @contextmanager
-def merged_lora(model):
-    """Temporarily merge LoRA adapters into the base weights (unmerged afterwards, so training continues unchanged)."""
-    is_peft = hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
-    if is_peft:
-        model.merge_adapter()
-    try:
-        yield model
-    finally:
-        if is_peft:
-            model.unmerge_adapter()
-
-
-@contextmanager
 def server_weights(model, dtype: str = "auto"):
     """`with server_weights(model) as weights: transport.push(weights, v)`: (hf_name, tensor) for every base weight.
 
-    LoRA stays merged until the block ends: the ipc transport shares the tensors' memory and the server reads
-    them during the push, so unmerging any earlier would hand it the base weights. Adapter tensors are skipped.
+    Under LoRA the merged tensors are built out of place (W + scale * B @ A): merging and unmerging in place
+    on a bf16 base is not exact and would let the frozen base (and so the reference) drift with every push.
+    They stay alive until the block ends, because the ipc transport shares their memory during the push.
     """
     device = next(model.parameters()).device
     target = server_dtype(dtype, device)
-    with merged_lora(model):
-        yield ((_clean_name(name), tensor.detach().to(target).contiguous())
-               for name, tensor in model.state_dict().items()
-               if "lora_" not in name and "modules_to_save" not in name)
+    if hasattr(model, "get_base_model"):
+        from trainer.model_setup import merged_state_dict
+
+        merged = merged_state_dict(model, target)
+        yield ((name, t.contiguous()) for name, t in merged.items())
+        del merged
+        return
+    yield ((_clean_name(name), tensor.detach().to(target).contiguous())
+           for name, tensor in model.state_dict().items())

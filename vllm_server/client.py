@@ -244,7 +244,9 @@ def start_local_server(cfg: RunConfig, log_path: str | Path, *, env: dict | None
     config_path = save_config(server_cfg, log_path.parent, name="server_config.yaml")
     cmd = [sys.executable, "-m", "suzak", "serve", "--config", str(config_path)]
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # Its own process group, so stopping it also stops vLLM's engine/worker children even mid-start.
+        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                   start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     client = RolloutClient(url, timeout=30.0, retries=0)
     try:
@@ -260,11 +262,19 @@ def start_local_server(cfg: RunConfig, log_path: str | Path, *, env: dict | None
 
 def stop_local_server(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
     """SIGTERM (vLLM then stops its engine processes), SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+    import signal
+
+    def _signal_group(sig) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    _signal_group(signal.SIGKILL)  # leftovers of the group (a vLLM engine orphaned mid-start)

@@ -139,9 +139,14 @@ def test_grpo_step_runs_end_to_end_on_the_tiny_model(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "grpo_step.py"), "--arch", "tiny", "--prompts", "2", "--G", "2",
            "--completion", "8", "--steps", "1", "--warmup", "0", "--visual-tokens", "16", "--text-tokens", "40",
            "--work", str(tmp_path / "work")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env, cwd=tmp_path)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        stdout, stderr = proc.communicate(timeout=170)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the bench stops its rollout server on the way out
+        stdout, stderr = proc.communicate(timeout=60)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, stdout[-3000:] + stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert result == json.loads((tmp_path / "out" / "grpo_step_tiny.json").read_text())
     for key in ("tokens_per_step", "step_s", "tokens_per_s_per_gpu", "phases_s", "mfu_learner", "mfu_step",
