@@ -2,8 +2,9 @@
 
     .venv/bin/python -m pytest tests/integration/test_grpo.py -q -m vllm
 
-One module-scoped server. The policy is first given a few SFT steps so that it emits the answer format some of
-the time; GRPO with the format reward alone then has a learnable signal, and its mean reward must rise.
+One module-scoped server. The policy is first given a few SFT steps on scenes of 1 to 4 objects, so that it
+answers in the format with some spread of counts; GRPO then trains on scenes that always hold 3 objects, a
+task it can learn within a few steps (answer 3), so its mean reward must rise.
 Also checked: the server's weights and policy version move with every step, metrics are written, the server's
 log-probs equal the learner's on the same tokens and images (fp32), and a resumed run repeats step k+1 exactly.
 """
@@ -31,9 +32,9 @@ BASE = [
     "model.min_pixels=3136", "model.max_pixels=50176", "model.dtype=float32",
     "data.synth.n=64", "data.synth.min_objects=1", "data.synth.max_objects=4", "data.synth.image_width=112",
     "data.synth.image_height=112", "data.synth.thinking=enumerate",
-    "sft.max_steps=12", "sft.batch_size=8", "sft.grad_accum=1", "sft.optim.lr=1e-3", "sft.optim.warmup_ratio=0",
-    "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.max_completion_tokens=24", "grpo.temperature=1.0",
-    "grpo.optim.lr=3e-4", "grpo.reward_weights={format: 1.0}", "grpo.micro_batch_tokens=4096",
+    "sft.max_steps=30", "sft.batch_size=8", "sft.grad_accum=1", "sft.optim.lr=1e-3", "sft.optim.warmup_ratio=0",
+    "grpo.prompts_per_step=8", "grpo.num_generations=4", "grpo.max_completion_tokens=24", "grpo.temperature=1.0",
+    "grpo.optim.lr=1e-4", "grpo.reward_weights={accuracy: 1.0, format: 0.5}", "grpo.micro_batch_tokens=4096",
     "server.dtype=float32", "server.gpu_memory_utilization=0.12", "server.enforce_eager=true",
     "server.max_model_len=1024", "server.max_num_seqs=64", "logging.progress=false", "checkpoint.every_steps=1",
 ]
@@ -52,6 +53,8 @@ def setup(tmp_path_factory):
     examples = synth_examples(task, cfg.data.synth)
     sft_model = run_sft(cfg, examples, task, root / "sft_run")
     cfg.model.name_or_path = str(sft_model)
+    # The GRPO task: always three objects.
+    examples = synth_examples(task, cfg.data.synth.model_copy(update={"min_objects": 3, "max_objects": 3, "seed": 1}))
     process, url = start_local_server(cfg, root / "server.log", timeout_s=900)
     client = RolloutClient(url, timeout=600, retries=2)
     try:
@@ -71,35 +74,37 @@ def _learner(setup, out, **overrides):
     return GRPOLearner(cfg, setup.task, setup.examples, setup.client, out)
 
 
-def _greedy_text(client, examples, task, processor, cfg):
+def _greedy_logprobs(client, examples, task, processor, cfg):
+    """Greedy completions with their log-probs: any change of the server's weights moves the log-probs."""
     from trainer.rollouts import generate_request, prepare_prompt
 
     prompts = [prepare_prompt(e, task, processor, prompt="train", system=False, min_pixels=cfg.model.min_pixels,
                               max_pixels=cfg.model.max_pixels) for e in examples]
     req = generate_request(prompts, n=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=16, seed=0)
-    return [r.completions[0].token_ids for r in client.generate(req).results]
+    return [r.completions[0].logprobs for r in client.generate(req).results]
 
 
 def test_steps_move_weights_and_version_and_reward_rises(setup):
     from trainer.monitor import Monitor
 
     out = setup.root / "run_a"
-    learner = _learner(setup, out, grpo__steps=8)
+    learner = _learner(setup, out, grpo__steps=10)
     learner.push_weights()
     version0 = setup.client.info().policy_version
-    before = _greedy_text(setup.client, setup.examples[:4], setup.task, learner.processor, setup.cfg)
-    monitor = Monitor(out, setup.cfg.logging, 8, "grpo")
+    before = _greedy_logprobs(setup.client, setup.examples[:4], setup.task, learner.processor, setup.cfg)
+    monitor = Monitor(out, setup.cfg.logging, 10, "grpo")
     history = []
-    for _ in range(8):
+    for _ in range(10):
         metrics = learner.step()
         monitor.log(learner.step_index, metrics)
         history.append(metrics)
     monitor.close()
-    after = _greedy_text(setup.client, setup.examples[:4], setup.task, learner.processor, setup.cfg)
-    assert setup.client.info().policy_version == version0 + 8 == learner.policy_version
-    assert before != after, "greedy outputs did not change after 8 GRPO steps: the server's weights did not move"
+    after = _greedy_logprobs(setup.client, setup.examples[:4], setup.task, learner.processor, setup.cfg)
+    assert setup.client.info().policy_version == version0 + 10 == learner.policy_version
+    assert before != after, "greedy log-probs did not change after 10 GRPO steps: the server's weights did not move"
     lines = [json.loads(x) for x in (out / "grpo_metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 8 and "reward/format" in lines[0] and "logprob_gap/mean" in lines[0]
+    assert len(lines) == 10 and "reward/format" in lines[0] and "logprob_gap/mean" in lines[0]
+    print("rewards per step:", [round(m["reward/total"], 3) for m in history])
     first = sum(m["reward/total"] for m in history[:3]) / 3
     last = sum(m["reward/total"] for m in history[-3:]) / 3
     assert last > first, f"mean reward did not rise: first 3 steps {first:.3f}, last 3 steps {last:.3f}"
