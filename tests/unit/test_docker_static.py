@@ -535,17 +535,40 @@ def test_lock_covers_pyproject(pins):
         assert Version(pins[name]) in req.specifier, f"{name}=={pins[name]} is outside pyproject's {req.specifier}"
 
 
+def pin_violations(pins: dict, vllm_requires: list[str]) -> list[str]:
+    """What in the lock breaks the image's compatibility rules: vLLM's exact torch pin, the transformers range."""
+    from suzak.doctor import TRANSFORMERS_RANGE
+
+    problems = []
+    torch_pins = [Requirement(r) for r in vllm_requires if Requirement(r).name == "torch"]
+    if not torch_pins:
+        problems.append("vllm declares no torch requirement")
+    for req in torch_pins:
+        if req.marker is None or req.marker.evaluate({"extra": "", "platform_machine": "x86_64",
+                                                      "platform_system": "Linux", "sys_platform": "linux"}):
+            if Version(pins["torch"]) not in req.specifier:
+                problems.append(f"lock torch {pins['torch']} vs vllm's {req}")
+    if Version(pins["transformers"]) not in SpecifierSet(TRANSFORMERS_RANGE):
+        problems.append(f"transformers {pins['transformers']} outside {TRANSFORMERS_RANGE}")
+    return problems
+
+
 def test_lock_torch_equals_vllm_pin(pins):
     try:
         requires = pypi_requires_dist("vllm", VLLM_VERSION)
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         pytest.skip(f"PyPI unreachable, cannot read vllm {VLLM_VERSION}'s torch pin: {exc}")
-    torch_pins = [Requirement(r) for r in requires if Requirement(r).name == "torch"]
-    assert torch_pins, "vllm declares no torch requirement?"
-    for req in torch_pins:
-        if req.marker is None or req.marker.evaluate({"extra": "", "platform_machine": "x86_64",
-                                                      "platform_system": "Linux", "sys_platform": "linux"}):
-            assert Version(pins["torch"]) in req.specifier, f"lock torch {pins['torch']} vs vllm's {req}"
+    assert pin_violations(pins, requires) == []
+
+
+def test_a_broken_pin_fails_the_check(pins):
+    # vllm 0.32.0's own declaration on Linux x86_64 (its wheel metadata), so this runs offline.
+    requires = ["torch==2.13.0"]
+    assert pin_violations(pins, requires) == []
+    broken = dict(pins, torch="2.12.0")
+    assert any("lock torch 2.12.0" in p for p in pin_violations(broken, requires))
+    too_new = dict(pins, transformers="5.21.0")
+    assert any("transformers 5.21.0" in p for p in pin_violations(too_new, requires))
 
 
 @pytest.mark.network
