@@ -50,6 +50,7 @@ class SamplingParams(Wire):
     max_tokens: int = Field(256, ge=1)
     stop: list[str] = []
     seed: int | None = None
+    """Makes sampling repeatable; prompt i of a request samples with seed + i."""
     ignore_eos: bool = False
     logprobs: bool = True
     """Return the sampled token's log-prob for every completion token."""

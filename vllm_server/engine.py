@@ -359,13 +359,15 @@ class VLLMEngine(Engine):
             engine_prompt["multi_modal_data"] = {"image": list(prompt.images)}
         return engine_prompt, min(max_tokens, limit - length)
 
-    def _sampling(self, s: wire.SamplingParams, max_tokens: int):
+    def _sampling(self, s: wire.SamplingParams, max_tokens: int, index: int = 0):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
             n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0), max_tokens=max_tokens,
-            stop=list(s.stop) or None, seed=s.seed, ignore_eos=s.ignore_eos, logprobs=0 if s.logprobs else None,
+            # One seed for the whole request would give every prompt the same random stream, so prompts whose
+            # distributions are alike would get identical samples; prompt i draws from seed + i instead.
+            stop=list(s.stop) or None, seed=None if s.seed is None else s.seed + index, ignore_eos=s.ignore_eos, logprobs=0 if s.logprobs else None,
             output_kind=RequestOutputKind.FINAL_ONLY)
 
     async def generate(self, prompts: list[PreparedPrompt], sampling: wire.SamplingParams) -> list[wire.PromptResult]:
@@ -392,7 +394,7 @@ class VLLMEngine(Engine):
     async def _one(self, request_id: str, index: int, prompt: dict, sampling: wire.SamplingParams, budget: int):
         final = None
         try:
-            params = self._sampling(sampling, budget)
+            params = self._sampling(sampling, budget, index)
             async for out in self.llm.generate(prompt, params, request_id):
                 final = out
         except self._client_errors as e:  # vLLM's own request validation

@@ -30,11 +30,11 @@ pytestmark = [
 
 BASE = [
     "model.min_pixels=3136", "model.max_pixels=50176", "model.dtype=float32",
-    "data.synth.n=64", "data.synth.min_objects=1", "data.synth.max_objects=4", "data.synth.image_width=112",
+    "data.synth.n=128", "data.synth.min_objects=1", "data.synth.max_objects=4", "data.synth.image_width=112",
     "data.synth.image_height=112", "data.synth.thinking=enumerate",
     "sft.max_steps=30", "sft.batch_size=8", "sft.grad_accum=1", "sft.optim.lr=1e-3", "sft.optim.warmup_ratio=0",
-    "grpo.prompts_per_step=8", "grpo.num_generations=4", "grpo.max_completion_tokens=24", "grpo.temperature=1.0",
-    "grpo.optim.lr=1e-4", "grpo.reward_weights={accuracy: 1.0, format: 0.5}", "grpo.micro_batch_tokens=4096",
+    "grpo.prompts_per_step=16", "grpo.num_generations=4", "grpo.max_completion_tokens=24", "grpo.temperature=1.0",
+    "grpo.optim.lr=5e-5", "grpo.reward_weights={accuracy: 1.0, format: 0.5}", "grpo.micro_batch_tokens=4096",
     "server.dtype=float32", "server.gpu_memory_utilization=0.12", "server.enforce_eager=true",
     "server.max_model_len=1024", "server.max_num_seqs=64", "logging.progress=false", "checkpoint.every_steps=1",
 ]
