@@ -89,13 +89,15 @@ def _curves_png(out: Path) -> str | None:
         axes[1].plot([m["step"] for m in grpo], [m.get(key, float("nan")) for m in grpo], label=label)
     axes[1].set_title("GRPO rewards")
     axes[1].legend()
+    has_eval = False
     for key in ("eval/A", "eval/B"):
         pts = [(m["step"], m[key]) for m in grpo if key in m]
         if pts:
+            has_eval = True
             axes[2].plot(*zip(*pts), marker="o", label=key)
     axes[2].plot([m["step"] for m in grpo], [m.get("completion_len", float("nan")) / 100 for m in grpo],
                  label="completion length / 100", alpha=0.5)
-    axes[2].set_title("held-out accuracy during GRPO")
+    axes[2].set_title("held-out accuracy during GRPO" if has_eval else "GRPO completion length (eval.every_steps=0)")
     axes[2].legend()
     for ax in axes:
         ax.set_xlabel("step")
