@@ -7,6 +7,7 @@ The app (vllm_server/app.py) is the real one; only the engine behind it is a sta
 
 from __future__ import annotations
 
+import importlib.util
 import asyncio
 import threading
 import time
@@ -462,7 +463,7 @@ def test_weight_update_drains_and_gates_generation_so_versions_are_exact(tmp_pat
     save_file({"w": torch.zeros(2)}, str(tmp_path / "model-00000.safetensors"))
     engine = VLLMEngine(load_config(None, []))
     engine.llm, engine.processor = FakeLLM(delay=0.2), FakeProcessor()
-    engine._sampling = lambda sampling, budget: sampling  # no vLLM import in a unit test
+    engine._sampling = lambda sampling, budget, index=0: sampling  # no vLLM import in a unit test
     sampling = wire.SamplingParams(max_tokens=2)
     prompt = PreparedPrompt(messages=[{"role": "user", "content": "hi"}])
     push = wire.WeightUpdateRequest(version=5, transport="files", path=str(tmp_path))
@@ -488,3 +489,16 @@ def test_weight_update_drains_and_gates_generation_so_versions_are_exact(tmp_pat
     assert before[0].completions[0].policy_version == 0 and during[0].completions[0].policy_version == 5
     assert update.policy_version == 5 and update.tensors == 1 and update.timings["drain"] > 0.05
     assert engine.llm.calls == ["generate", "pause:wait:True", "reload_weights", "resume", "generate"]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_each_prompt_of_a_seeded_request_gets_its_own_seed():
+    # One seed for every prompt gave all prompts of a GRPO step the same random stream (near-copy rollouts).
+    from suzak.config import load_config
+    from vllm_server.engine import VLLMEngine
+
+    engine = VLLMEngine(load_config(None, []))
+    seeds = [engine._sampling(wire.SamplingParams(seed=7, n=2), 8, i).seed for i in range(3)]
+    assert seeds == [7, 8, 9]
+    assert engine._sampling(wire.SamplingParams(seed=None), 8, 2).seed is None
