@@ -163,16 +163,7 @@ class GRPOLearner:
 
     def push_weights(self) -> dict:
         """Send the current weights to the server as policy version `self.policy_version` (rank 0 sends)."""
-        from trainer.weights import server_weights
-
-        stats = {}
-        if self.acc.is_main_process:
-            if self.transport is None:
-                self._connect_transport()
-            start = time.perf_counter()
-            with server_weights(self.hf_model, self.cfg.server.dtype) as weights:
-                stats = dict(self.transport.push(weights, self.policy_version) or {})
-            stats["seconds"] = time.perf_counter() - start
+        stats = self._send_weights() if self.acc.is_main_process else {}
         self.acc.wait_for_everyone()
         return stats
 
@@ -184,15 +175,19 @@ class GRPOLearner:
         if info.policy_version != self.policy_version:
             print(f"server at policy version {info.policy_version}, learner at {self.policy_version}: re-pushing weights")
             self.transport = None
-            self.push_weights_main_only()
+            self._send_weights()
 
-    def push_weights_main_only(self) -> None:
+    def _send_weights(self) -> dict:
+        """This process pushes the weights (callers make sure it is the main one); connects the transport first."""
         from trainer.weights import server_weights
 
         if self.transport is None:
             self._connect_transport()
+        start = time.perf_counter()
         with server_weights(self.hf_model, self.cfg.server.dtype) as weights:
-            self.transport.push(weights, self.policy_version)
+            stats = dict(self.transport.push(weights, self.policy_version) or {})
+        stats["seconds"] = time.perf_counter() - start
+        return stats
 
     @contextmanager
     def server_asleep(self):

@@ -103,21 +103,25 @@ def _eval_sets(cfg: RunConfig) -> dict[str, list[Example]]:
     return sets
 
 
-def evaluate_sets(cfg: RunConfig, client, label: str, out: Path, sets: dict[str, list[Example]]) -> dict[str, float]:
-    """Evaluate the server's current weights on each held-out set; results are cached as eval/<label>_<set>.json."""
+def _evaluate(cfg: RunConfig, client, examples: list[Example], *, progress: bool):
+    """One greedy pass of the evaluator over a held-out set, with the run's eval settings and pixel budget."""
     from evaluator.run import evaluate
 
     task = get_task(cfg.data.task)
+    return evaluate(client, task, examples, scoring=cfg.eval.scoring, prompt=cfg.eval.prompt,
+                    max_new_tokens=cfg.eval.max_new_tokens or task.default_max_new_tokens, batch_size=64,
+                    progress=progress, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+
+
+def evaluate_sets(cfg: RunConfig, client, label: str, out: Path, sets: dict[str, list[Example]]) -> dict[str, float]:
+    """Evaluate the server's current weights on each held-out set; results are cached as eval/<label>_<set>.json."""
     accs = {}
     for name, examples in sets.items():
         path = out / "eval" / f"{label}_{name}.json"
         if path.exists():
             accs[name] = json.loads(path.read_text())["summary"]["accuracy"]
             continue
-        records, summary = evaluate(client, task, examples, scoring=cfg.eval.scoring, prompt=cfg.eval.prompt,
-                                    max_new_tokens=cfg.eval.max_new_tokens or task.default_max_new_tokens,
-                                    batch_size=64, progress=cfg.logging.progress,
-                                    min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+        records, summary = _evaluate(cfg, client, examples, progress=cfg.logging.progress)
         shown = [dict(rec, thumbnail=_thumbnail(ex)) for rec, ex in zip(records[:24], examples)]
         _write_json(path, {"summary": summary, "records": shown})
         accs[name] = summary["accuracy"]
@@ -187,17 +191,10 @@ def _thumbnail(example: Example, size: int = 200) -> str:
 
 
 def _eval_hook(cfg: RunConfig, sets):
-    from evaluator.run import evaluate
-
-    task = get_task(cfg.data.task)
-
     def hook(client, step):
         metrics = {}
         for name, examples in sets.items():
-            _, summary = evaluate(client, task, examples, scoring=cfg.eval.scoring, prompt=cfg.eval.prompt,
-                                  max_new_tokens=cfg.eval.max_new_tokens or task.default_max_new_tokens,
-                                  batch_size=64, progress=False,
-                                  min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+            _, summary = _evaluate(cfg, client, examples, progress=False)
             metrics[f"eval/{name}"] = summary["accuracy"]
         return metrics
 
