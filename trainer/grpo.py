@@ -71,12 +71,39 @@ def split_backbone(model):
     return inner.model, inner.lm_head
 
 
+def shared_image_embeds(backbone, mb: MicroBatch, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings with image features in place, each distinct image through the vision tower once.
+
+    The G rollouts of a group share their image: encoding it once per group instead of once per rollout cuts
+    the vision tower's work G-fold, and indexing the shared features keeps their gradient exact (it sums over
+    the rows, as G separate encodings would). The backbone then gets these embeddings and no pixels, and still
+    builds mrope positions from the ids and the rows' grids.
+    """
+    visual = backbone.visual
+    grids = mb.image_grid_thw.to(input_ids.device)
+    encoded = visual(mb.pixel_values.to(input_ids.device, visual.dtype), grid_thw=grids)
+    features = getattr(encoded, "pooler_output", encoded)  # transformers >= 5 returns an output object
+    per_image = torch.split(features, (grids.prod(-1) // visual.spatial_merge_size ** 2).tolist())
+    rows = torch.cat([per_image[i] for i in mb.row_images])
+    embeds = backbone.get_input_embeddings()(input_ids)
+    image_mask = (input_ids == backbone.config.image_token_id).unsqueeze(-1)
+    if int(image_mask.sum()) != rows.shape[0]:
+        raise SuzakError(f"{int(image_mask.sum())} image tokens in the micro-batch but {rows.shape[0]} image features: "
+                         "the prompt ids and the image grids disagree")
+    return embeds.masked_scatter(image_mask, rows.to(embeds.dtype))
+
+
 def completion_logps(model, mb: MicroBatch, temperature: float, device) -> torch.Tensor:
     """Per-position log-probs [B, T-1] of the next token under softmax(logits / T), non-zero only on completion tokens."""
     backbone, head = split_backbone(model)
     extra = {} if mb.mm_token_type_ids is None else {"mm_token_type_ids": mb.mm_token_type_ids.to(device)}
-    out = backbone(input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device),
-                   pixel_values=mb.pixel_values.to(device), image_grid_thw=mb.image_grid_thw.to(device), **extra)
+    input_ids = mb.input_ids.to(device)
+    if mb.row_grid_thw is None:
+        out = backbone(input_ids=input_ids, attention_mask=mb.attention_mask.to(device),
+                       pixel_values=mb.pixel_values.to(device), image_grid_thw=mb.image_grid_thw.to(device), **extra)
+    else:
+        out = backbone(input_ids=input_ids, inputs_embeds=shared_image_embeds(backbone, mb, input_ids),
+                       attention_mask=mb.attention_mask.to(device), image_grid_thw=mb.row_grid_thw.to(device), **extra)
     hidden = out.last_hidden_state[:, :-1]
     mask = mb.completion_mask.to(device) > 0
     result = torch.zeros(mask.shape, dtype=torch.float32, device=device)

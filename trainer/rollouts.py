@@ -105,7 +105,9 @@ class MicroBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor
+    """Patches of each *distinct* prompt's images, once: rollouts of one group share them."""
     image_grid_thw: torch.Tensor
+    """[images, 3] grids of the distinct images in pixel_values."""
     completion_mask: torch.Tensor
     """[B, T] mask over positions whose *next* token is a completion token (aligned with logits[:, :-1])."""
     targets: torch.Tensor
@@ -113,12 +115,22 @@ class MicroBatch:
     rollout_logps: torch.Tensor | None
     max_completion: int
     mm_token_type_ids: torch.Tensor | None = None
+    row_images: list[int] = field(default_factory=list)
+    """For each row in order, the indices (into image_grid_thw) of its images: the rows' image features."""
+    row_grid_thw: torch.Tensor | None = None
+    """[images of all rows, 3] grids in row order, for the rows' mrope positions."""
 
 
 def cut_micro_batches(rollouts: list[Rollout], prompts: list[PreparedPrompt], token_budget: int) -> list[list[int]]:
     """Group rollout indices so each micro-batch's padded size (rows x longest row) stays within the token budget."""
     lengths = [len(prompts[r.prompt_index].input_ids) + len(r.completion_ids) for r in rollouts]
-    order = sorted(range(len(rollouts)), key=lambda i: lengths[i])
+    # A group's rollouts stay side by side (groups ordered by their longest row), so a micro-batch holds whole
+    # groups and encodes each group's image once (completion_logps shares the vision tower's output).
+    group_longest: dict[int, int] = {}
+    for r, n in zip(rollouts, lengths):
+        group_longest[r.prompt_index] = max(group_longest.get(r.prompt_index, 0), n)
+    order = sorted(range(len(rollouts)),
+                   key=lambda i: (group_longest[rollouts[i].prompt_index], rollouts[i].prompt_index, lengths[i]))
     batches, current, longest = [], [], 0
     for idx in order:
         new_longest = max(longest, lengths[idx])
@@ -173,12 +185,26 @@ def build_micro_batch(indices: list[int], rollouts: list[Rollout], prompts: list
         mm_t = torch.zeros((len(rows), width), dtype=torch.long)
         for b, m in enumerate(mm_rows):
             mm_t[b, : len(m)] = torch.tensor(m)
-    prompt_idx = [rollouts[i].prompt_index for i in indices]
-    pixel_values = torch.cat([prompts[p].pixel_values for p in prompt_idx], dim=0)
-    grids = torch.cat([prompts[p].image_grid_thw for p in prompt_idx], dim=0)
+    pixel_values, grids, row_images = _distinct_images([rollouts[i].prompt_index for i in indices], prompts)
     has_rollout_lp = all(rollouts[i].rollout_logps is not None for i in indices)
     return MicroBatch(indices, input_ids, attention, pixel_values, grids, comp_mask, tgt_t,
-                      rlp_t if has_rollout_lp else None, max(len(rollouts[i].completion_ids) for i in indices), mm_t)
+                      rlp_t if has_rollout_lp else None, max(len(rollouts[i].completion_ids) for i in indices), mm_t,
+                      row_images=row_images, row_grid_thw=grids[row_images])
+
+
+def _distinct_images(prompt_indices: list[int], prompts: list[PreparedPrompt]):
+    """Each distinct prompt's patches once, and for every row the indices of its images among them."""
+    first_image: dict[int, int] = {}
+    pixel_parts, grid_parts, row_images = [], [], []
+    count = 0
+    for p in prompt_indices:
+        if p not in first_image:
+            first_image[p] = count
+            pixel_parts.append(prompts[p].pixel_values)
+            grid_parts.append(prompts[p].image_grid_thw)
+            count += int(prompts[p].image_grid_thw.shape[0])
+        row_images.extend(range(first_image[p], first_image[p] + int(prompts[p].image_grid_thw.shape[0])))
+    return torch.cat(pixel_parts, dim=0), torch.cat(grid_parts, dim=0), row_images
 
 
 def vision_token_ids(config) -> set[int]:
