@@ -32,16 +32,14 @@ def server_weights(model, dtype: str = "auto"):
 
     Under LoRA the merged tensors are built out of place (W + scale * B @ A): merging and unmerging in place
     on a bf16 base is not exact and would let the frozen base (and so the reference) drift with every push.
-    They stay alive until the block ends, because the ipc transport shares their memory during the push.
+    Each is built when the transport reaches it; the ipc transport keeps what it shares alive until the server's reply.
     """
     device = next(model.parameters()).device
     target = server_dtype(dtype, device)
     if hasattr(model, "get_base_model"):
-        from trainer.model_setup import merged_state_dict
+        from trainer.model_setup import iter_merged_weights
 
-        merged = merged_state_dict(model, target)
-        yield ((name, t.contiguous()) for name, t in merged.items())
-        del merged
+        yield ((name, t.contiguous()) for name, t in iter_merged_weights(model, target))
         return
     yield ((_clean_name(name), tensor.detach().to(target).contiguous())
            for name, tensor in model.state_dict().items())
