@@ -32,7 +32,7 @@ def images(count: int, size: int, min_pixels: int, max_pixels: int) -> list:
     import numpy as np
     from PIL import Image
 
-    from vllm_server.images import resize_to_budget
+    from suzak.images import resize_to_budget
 
     rng = np.random.RandomState(0)
     return [resize_to_budget(Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8)),
@@ -42,7 +42,7 @@ def images(count: int, size: int, min_pixels: int, max_pixels: int) -> list:
 def run_http(args, cfg, imgs, engine_args: dict) -> dict:
     from suzak import wire
     from vllm_server.client import RolloutClient, start_local_server, stop_local_server
-    from vllm_server.images import encode_image_data_url
+    from suzak.images import encode_image_data_url
 
     env = {"SUZAK_VLLM_ENGINE_ARGS": json.dumps(engine_args)} if engine_args else {}
     t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from suzak.config import load_config
-    from vllm_server.images import visual_tokens
+    from suzak.images import visual_tokens
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     on_gpu = _nvidia_present()

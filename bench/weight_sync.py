@@ -103,7 +103,7 @@ def run(args) -> None:
 
     from suzak.config import load_config
     from vllm_server.client import RolloutClient, start_local_server, stop_local_server
-    from vllm_server.images import encode_image_data_url
+    from suzak.images import encode_image_data_url
     from vllm_server.transport import FilesTransport, IPCTransport, NCCLTransport
 
     out = Path(args.out)

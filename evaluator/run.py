@@ -43,7 +43,7 @@ def greedy_sampling(max_new_tokens: int) -> wire.SamplingParams:
 def build_prompt(task: Task, example: Example, *, prompt: str, system: bool, min_pixels: int,
                  max_pixels: int) -> wire.Prompt:
     """One wire prompt; the image is resized to the server's pixel budget (it rejects larger ones) and inlined."""
-    from vllm_server.images import encode_image_data_url, resize_to_budget
+    from suzak.images import encode_image_data_url, resize_to_budget
 
     image = resize_to_budget(example.load_image(), min_pixels, max_pixels)
     messages = task.messages(example, prompt=prompt, system=system, image_ref=encode_image_data_url(image))

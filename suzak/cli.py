@@ -9,7 +9,9 @@
     suzak doctor
 
 Only argparse, pydantic and yaml are imported at start; each subcommand imports its heavy modules itself,
-so `suzak --help` answers at once and a bad config fails before torch loads.
+so `suzak --help` answers at once and a bad config fails before torch loads. The jobs of the other parts
+(train, serve, eval) are found through the `suzak.jobs` entry points of pyproject.toml: the core never
+imports trainer/, vllm_server/ or evaluator/.
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ def _load_dotenv() -> None:
             os.environ[key] = value.strip().strip('"').strip("'")
 
 
+def _job(name: str):
+    """The function registered for a job under the `suzak.jobs` entry points (loaded only when it runs)."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="suzak.jobs", name=name))
+    if not found:
+        raise SuzakError(f"the '{name}' job is not installed: reinstall suzak (./install.sh, or pip install -e .)")
+    return found[0].load()
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config in configs/ (default: the embedded tiny recipe)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.num_generations=4 model.max_pixels=200704")
@@ -58,26 +70,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_resume:
         extra.append("checkpoint.resume=false")
     cfg = _resolve_config(args, extra)
-    from trainer.pipeline import run_pipeline
-
-    run_pipeline(cfg, stages=args.stages.split(","))
+    _job("train")(cfg, stages=args.stages.split(","))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     extra = [f"model.name_or_path={args.model}"] if args.model else []
     cfg = _resolve_config(args, extra)
-    from vllm_server.app import serve
-
-    serve(cfg)
+    _job("serve")(cfg)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from evaluator.run import main as eval_main
-
     cfg = _resolve_config(args)
-    return eval_main(args, cfg)
+    return _job("eval")(args, cfg)
 
 
 def cmd_data(args: argparse.Namespace) -> int:

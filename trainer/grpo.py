@@ -190,12 +190,11 @@ class GRPOLearner:
     # ------------------------------------------------------------------ weights
 
     def _connect_transport(self):
-        from vllm_server.client import check_compatible
-        from vllm_server.transport import choose_transport
+        from vllm_server.client import check_compatible, weight_transport
 
         info = self.client.info()
         check_compatible(info, self.cfg.model)
-        self.transport = choose_transport(self.cfg, self.device, info, out_dir=self.out_dir)
+        self.transport = weight_transport(self.cfg, self.device, info, out_dir=self.out_dir)
         self.transport.init(self.client)
         return info
 

@@ -167,9 +167,9 @@ def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, o
 
 def _ensure_server_has(client, cfg: RunConfig, folder: Path) -> None:
     """On a resumed run whose GRPO finished, load the exported GRPO weights into the fresh server for its eval."""
-    from vllm_server.transport import FilesTransport
+    from vllm_server.client import files_transport
 
-    transport = FilesTransport(folder.parent / "push")
+    transport = files_transport(folder.parent / "push")
     transport.init(client)
     from safetensors.torch import load_file
 

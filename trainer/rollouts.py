@@ -50,7 +50,7 @@ class Rollout:
 def prepare_prompt(example: Example, task: Task, processor, *, prompt: str, system: bool,
                    min_pixels: int, max_pixels: int) -> PreparedPrompt:
     """Resize the image to the pixel budget, send it as a data URL, and tokenize it the same way the server will."""
-    from vllm_server.images import encode_image_data_url, resize_to_budget
+    from suzak.images import encode_image_data_url, resize_to_budget
 
     image = resize_to_budget(example.load_image(), min_pixels, max_pixels)
     messages = task.messages(example, prompt=prompt, system=system, image_ref=encode_image_data_url(image))

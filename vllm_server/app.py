@@ -54,7 +54,7 @@ def _loc_to_field(loc: tuple) -> str:
 
 
 def _load_prompt_images(index: int, prompt: wire.Prompt, info: wire.ModelInfo) -> PreparedPrompt:
-    from vllm_server.images import check_pixels, load_image
+    from suzak.images import check_pixels, load_image
 
     images = []
     for m, msg in enumerate(prompt.messages):

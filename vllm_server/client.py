@@ -187,7 +187,7 @@ def prepare_images(req: wire.GenerateRequest, min_pixels: int, max_pixels: int, 
                    inline_paths: bool = False) -> wire.GenerateRequest:
     """Resize every image of a request to the budget; images already at their budget size keep their reference
     (local paths too unless inline_paths, for a server on another machine)."""
-    from vllm_server.images import budget_size, encode_image_data_url, load_image, resize_to_budget
+    from suzak.images import budget_size, encode_image_data_url, load_image, resize_to_budget
 
     out = req.model_copy(deep=True)
     for i, prompt in enumerate(out.prompts):
@@ -212,6 +212,22 @@ def check_compatible(info: wire.ModelInfo, model_cfg: ModelConfig) -> None:
         raise SuzakError("the rollout server resizes images differently from this config (" + "; ".join(diffs)
                          + "): restart the server with the same model.min_pixels/model.max_pixels, or set them "
                          "here to the server's values")
+
+
+def weight_transport(cfg: RunConfig, learner_device, server_info: wire.ModelInfo, *,
+                     out_dir: str | Path | None = None):
+    """The learner's end of the weight link for where the server runs (files / ipc / nccl, see
+    vllm_server/transport.py, which imports torch: loaded only when a learner asks for it)."""
+    from vllm_server.transport import choose_transport
+
+    return choose_transport(cfg, learner_device, server_info, out_dir=out_dir)
+
+
+def files_transport(folder: str | Path):
+    """The safetensors-in-a-folder weight link (CPU, tests, or loading an exported folder into a server)."""
+    from vllm_server.transport import FilesTransport
+
+    return FilesTransport(folder)
 
 
 def _log_tail(log_path: str | Path | None, lines: int = 30) -> str:

@@ -341,7 +341,7 @@ class VLLMEngine(Engine):
 
     def _render(self, index: int, prompt: PreparedPrompt, max_tokens: int) -> tuple[dict, int]:
         """The engine prompt (chat template applied) and the completion budget left by its length."""
-        from vllm_server.images import visual_tokens
+        from suzak.images import visual_tokens
 
         text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
         mcfg, limit = self.cfg.model, self.cfg.server.max_model_len

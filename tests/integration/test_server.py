@@ -78,7 +78,7 @@ def _weights(model_dir) -> dict[str, torch.Tensor]:
 
 def test_generate_with_images_greedy_and_sampled(srv, tmp_path):
     from suzak.models import load_processor
-    from vllm_server.images import encode_image_data_url
+    from suzak.images import encode_image_data_url
 
     info = srv.client.info()
     assert (info.engine, info.transports, info.policy_version) == ("vllm", ["files"], 0)
@@ -112,7 +112,7 @@ def test_generate_with_images_greedy_and_sampled(srv, tmp_path):
 
 
 def test_files_push_changes_outputs_and_the_original_restores_them_exactly(srv):
-    from vllm_server.images import encode_image_data_url
+    from suzak.images import encode_image_data_url
     from vllm_server.transport import FilesTransport
 
     refs = [encode_image_data_url(_image(3)), encode_image_data_url(_image(4))]
@@ -144,7 +144,7 @@ def test_files_push_changes_outputs_and_the_original_restores_them_exactly(srv):
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_answering(srv, tmp_path):
-    from vllm_server.images import encode_image_data_url
+    from suzak.images import encode_image_data_url
 
     client = srv.client
     with pytest.raises(SuzakError, match=r"-> 400: image file not found: .*missing\.png.*content\.0\.image"):

@@ -77,7 +77,7 @@ def test_tokenizer_has_qwen_ids_and_one_token_per_ascii_char(bench_tokenizer):
 
 
 def test_image_size_gives_exactly_the_visual_tokens():
-    from vllm_server.images import visual_tokens
+    from suzak.images import visual_tokens
 
     assert grpo_step.image_size(512) == (896, 448) and 896 * 448 == 401408
     for n in (512, 64, 187, 13):

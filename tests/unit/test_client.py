@@ -24,7 +24,7 @@ from vllm_server import client as client_mod
 from vllm_server.app import admin_token_for, create_app
 from vllm_server.client import RolloutClient, check_compatible, free_port, prepare_images
 from vllm_server.engine import Engine, RequestError, safetensors_shards
-from vllm_server.images import budget_size, encode_image_data_url, load_image, resize_to_budget
+from suzak.images import budget_size, encode_image_data_url, load_image, resize_to_budget
 
 MIN_PIXELS, MAX_PIXELS = 3136, 100352
 
@@ -405,7 +405,7 @@ def test_packed_chunk_layout_is_what_vllms_consumer_unpacks():
 def test_smart_resize_copy_matches_qwen_vl_utils():
     from qwen_vl_utils.vision_process import smart_resize
 
-    from vllm_server.images import smart_resize_copy
+    from suzak.images import smart_resize_copy
 
     sizes = [(h, w) for h in (28, 50, 167, 320, 480, 999, 2048) for w in (31, 224, 333, 640, 1500, 4000)]
     for lo, hi in ((3136, 100352), (3136, 401408), (784, 12845056)):

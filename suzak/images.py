@@ -2,7 +2,7 @@
 
 Shared by the rollout server, its client, the learner and the evaluator, so every side sees identical pixels:
 
-    from vllm_server.images import load_image, resize_to_budget, encode_image_data_url
+    from suzak.images import load_image, resize_to_budget, encode_image_data_url
     img = resize_to_budget(load_image("data/clevr/0001.png"), min_pixels=3136, max_pixels=401408)
     ref = encode_image_data_url(img)    # 'data:image/png;base64,...', a valid wire ContentPart.image
 
@@ -82,7 +82,7 @@ def _read_file(ref: str, field: str | None) -> bytes:
     if not path.is_file():
         hint = "it is a folder" if path.is_dir() else "no such file"
         raise SuzakError(f"image file not found: {path}{_where(field)} ({hint}); paths are read on the "
-                         "server's machine: send the image as a data: URL (vllm_server.images.encode_image_data_url) "
+                         "server's machine: send the image as a data: URL (suzak.images.encode_image_data_url) "
                          "when the server runs elsewhere")
     try:
         return path.read_bytes()
@@ -189,5 +189,5 @@ def check_pixels(img: Image.Image, max_pixels: int, field: str | None = None) ->
     if pixels > max_pixels:
         raise SuzakError(
             f"image{_where(field)} has {img.width}x{img.height} = {pixels} pixels, over the server's max_pixels "
-            f"{max_pixels}: resize it first (RolloutClient.prepare_images / vllm_server.images.resize_to_budget "
+            f"{max_pixels}: resize it first (RolloutClient.prepare_images / suzak.images.resize_to_budget "
             "does it) or start the server with a larger model.max_pixels")
