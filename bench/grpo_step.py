@@ -373,6 +373,8 @@ def _step_record(metrics: dict, seconds: float, tokens: dict, logprob_s: float) 
             "phases_s": phases, "completion_len": metrics.get("completion_len"),
             "rejected_vision_tokens": metrics.get("rejected_vision_tokens"),
             "loss": metrics.get("loss"), "grad_norm": metrics.get("grad_norm"),
+            # server vs learner log-probs of the same tokens (issue 9: investigate a bf16 mean above 0.05)
+            "logprob_gap_mean": metrics.get("logprob_gap/mean"), "logprob_gap_max": metrics.get("logprob_gap/max"),
             "learner_tokens_per_s": metrics.get("tokens_per_s")}
 
 
