@@ -24,6 +24,7 @@ from suzak import wire
 from suzak.config import save_config
 from suzak.errors import SuzakError
 from suzak.tasks import Example, Task
+from suzak.tasks.sources import read_jsonl_rows
 from evaluator.benchmarks import Benchmark, describe_data, get_benchmark, load_benchmark, max_new_tokens_for
 from evaluator.report import print_table, write_report
 
@@ -190,7 +191,7 @@ def rescore(path: str | Path, bench: Benchmark, scoring: str, *, prompt: str) ->
         raise SuzakError(f"--rescore: {path} not found; give a predictions.jsonl written by `suzak eval`")
     start = time.perf_counter()
     records, failures = [], []
-    for lineno, row in _read_jsonl(path):
+    for lineno, row in read_jsonl_rows(path):
         where = f"{path}:{lineno}"
         output = row.get("output", row.get("model_output"))
         if "ground_truth" not in row or output is None:
@@ -213,20 +214,6 @@ def rescore(path: str | Path, bench: Benchmark, scoring: str, *, prompt: str) ->
                         max_new_tokens=before.get("max_new_tokens"), seconds=time.perf_counter() - start,
                         data=before.get("data"))
     return records, summary
-
-
-def _read_jsonl(path: Path):
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SuzakError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SuzakError(f"{path}:{lineno}: each line must be a JSON object")
-            yield lineno, row
 
 
 def _sibling_summary(path: Path) -> dict:

@@ -87,6 +87,21 @@ def _ground_truth(task: Task, value: Any, where: str) -> tuple[Any, str]:
     return str(value), str(value).strip()
 
 
+def read_jsonl_rows(path: Path):
+    """(line number, object) for every non-blank line; a bad line is a SuzakError naming file and line."""
+    with Path(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SuzakError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise SuzakError(f"{path}:{lineno}: each line must be a JSON object")
+            yield lineno, row
+
+
 def jsonl_examples(task: Task, path: Path, *, image_root: str | None = None, limit: int | None = None,
                    check_images: bool = True) -> list[Example]:
     """Read `{"image_path", "question", "ground_truth"}` lines; image paths resolve against image_root or the file's folder."""
@@ -94,30 +109,21 @@ def jsonl_examples(task: Task, path: Path, *, image_root: str | None = None, lim
         raise SuzakError(f"benchmark file {path} not found")
     root = Path(image_root) if image_root else path.parent
     examples = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SuzakError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SuzakError(f"{where}: each line must be a JSON object")
-            missing = [c for c in JSONL_COLUMNS if c not in row]
-            if missing:
-                raise SuzakError(f"{where}: missing field(s) {missing}; each line needs {list(JSONL_COLUMNS)}")
-            gt, answer = _ground_truth(task, row["ground_truth"], where)
-            image_path = (root / row["image_path"]).resolve()
-            if check_images and not image_path.is_file():
-                raise SuzakError(f"{where}: image {row['image_path']} not found under {root} "
-                                 f"(looked at {image_path}); unzip the images next to the jsonl or pass data.image_root")
-            examples.append(Example(id=str(row.get("id", lineno - 1)), problem=row["question"], answer=answer,
-                                    image_path=str(image_path), ground_truth=gt,
-                                    meta={"source_line": lineno, "image_path_raw": row["image_path"]}))
-            if limit is not None and len(examples) >= limit:
-                break
+    for lineno, row in read_jsonl_rows(path):
+        where = f"{path}:{lineno}"
+        missing = [c for c in JSONL_COLUMNS if c not in row]
+        if missing:
+            raise SuzakError(f"{where}: missing field(s) {missing}; each line needs {list(JSONL_COLUMNS)}")
+        gt, answer = _ground_truth(task, row["ground_truth"], where)
+        image_path = (root / row["image_path"]).resolve()
+        if check_images and not image_path.is_file():
+            raise SuzakError(f"{where}: image {row['image_path']} not found under {root} "
+                             f"(looked at {image_path}); unzip the images next to the jsonl or pass data.image_root")
+        examples.append(Example(id=str(row.get("id", lineno - 1)), problem=row["question"], answer=answer,
+                                image_path=str(image_path), ground_truth=gt,
+                                meta={"source_line": lineno, "image_path_raw": row["image_path"]}))
+        if limit is not None and len(examples) >= limit:
+            break
     return examples
 
 
