@@ -109,7 +109,7 @@ def completion_logps(model, mb: MicroBatch, temperature: float, device) -> torch
     backbone, head = split_backbone(model)
     extra = {} if mb.mm_token_type_ids is None else {"mm_token_type_ids": mb.mm_token_type_ids.to(device)}
     input_ids = mb.input_ids.to(device)
-    if mb.row_grid_thw is None:
+    if not mb.row_images:
         out = backbone(input_ids=input_ids, attention_mask=mb.attention_mask.to(device),
                        pixel_values=mb.pixel_values.to(device), image_grid_thw=mb.image_grid_thw.to(device), **extra)
     else:

@@ -116,9 +116,13 @@ class MicroBatch:
     max_completion: int
     mm_token_type_ids: torch.Tensor | None = None
     row_images: list[int] = field(default_factory=list)
-    """For each row in order, the indices (into image_grid_thw) of its images: the rows' image features."""
-    row_grid_thw: torch.Tensor | None = None
-    """[images of all rows, 3] grids in row order, for the rows' mrope positions."""
+    """For each row in order, the indices (into image_grid_thw) of its images: the rows' image features.
+    Empty: pixel_values already hold every row's images in row order (no sharing)."""
+
+    @property
+    def row_grid_thw(self) -> torch.Tensor:
+        """[images of all rows, 3] grids in row order, for the rows' mrope positions."""
+        return self.image_grid_thw[self.row_images] if self.row_images else self.image_grid_thw
 
 
 def cut_micro_batches(rollouts: list[Rollout], prompts: list[PreparedPrompt], token_budget: int) -> list[list[int]]:
@@ -189,7 +193,7 @@ def build_micro_batch(indices: list[int], rollouts: list[Rollout], prompts: list
     has_rollout_lp = all(rollouts[i].rollout_logps is not None for i in indices)
     return MicroBatch(indices, input_ids, attention, pixel_values, grids, comp_mask, tgt_t,
                       rlp_t if has_rollout_lp else None, max(len(rollouts[i].completion_ids) for i in indices), mm_t,
-                      row_images=row_images, row_grid_thw=grids[row_images])
+                      row_images=row_images)
 
 
 def _distinct_images(prompt_indices: list[int], prompts: list[PreparedPrompt]):

@@ -367,7 +367,8 @@ class VLLMEngine(Engine):
             n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0), max_tokens=max_tokens,
             # One seed for the whole request would give every prompt the same random stream, so prompts whose
             # distributions are alike would get identical samples; prompt i draws from seed + i instead.
-            stop=list(s.stop) or None, seed=None if s.seed is None else s.seed + index, ignore_eos=s.ignore_eos, logprobs=0 if s.logprobs else None,
+            stop=list(s.stop) or None, seed=None if s.seed is None else s.seed + index, ignore_eos=s.ignore_eos,
+            logprobs=0 if s.logprobs else None,
             output_kind=RequestOutputKind.FINAL_ONLY)
 
     async def generate(self, prompts: list[PreparedPrompt], sampling: wire.SamplingParams) -> list[wire.PromptResult]:
