@@ -40,10 +40,21 @@ def _load_dotenv() -> None:
 
 
 def _job(name: str):
-    """The function registered for a job under the `suzak.jobs` entry points (loaded only when it runs)."""
-    from importlib.metadata import entry_points
+    """The function registered for a job under the `suzak.jobs` entry points (loaded only when it runs).
+
+    An installed suzak has them in its metadata; a checkout used through PYTHONPATH without installing (the
+    device procedure, bench/README.md) reads the same table from its pyproject.toml.
+    """
+    from importlib.metadata import EntryPoint, entry_points
 
     found = list(entry_points(group="suzak.jobs", name=name))
+    if not found:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        project = tomllib.loads(pyproject.read_text()).get("project", {}) if pyproject.is_file() else {}
+        table = project.get("entry-points", {}).get("suzak.jobs", {})
+        found = [EntryPoint(name, table[name], "suzak.jobs")] if name in table else []
     if not found:
         raise SuzakError(f"the '{name}' job is not installed: reinstall suzak (./install.sh, or pip install -e .)")
     return found[0].load()

@@ -75,3 +75,21 @@ def test_every_module_opens_with_a_docstring(path):
     if not source.strip():
         return  # an empty __init__.py
     assert ast.get_docstring(ast.parse(source)), f"{path.relative_to(ROOT)} has no module docstring"
+
+
+def test_cli_finds_each_job_installed_or_from_the_checkout(monkeypatch):
+    import importlib.metadata
+
+    from suzak import cli
+    from suzak.errors import SuzakError
+    from trainer.pipeline import run_pipeline
+
+    assert cli._job("train") is run_pipeline  # installed: the package metadata
+    # A checkout on PYTHONPATH with no metadata (the device) reads pyproject.toml's table instead.
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [])
+    assert cli._job("train") is run_pipeline
+    from evaluator.run import main as eval_main
+
+    assert cli._job("eval") is eval_main
+    with pytest.raises(SuzakError, match="not installed"):
+        cli._job("no-such-job")
