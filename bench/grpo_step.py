@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="config overrides applied last, e.g. server.gpu_memory_utilization=0.4")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("SUZAK_BENCH_DIR", "/tmp/suzak-bench")),
                    help="folder for model folders and run outputs")
+    p.add_argument("--compare-unshared", type=int, default=0, metavar="N",
+                   help="then N more timed steps with grpo.share_prompt off, on the same server and learner")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK, help="for MFU (default H100 dense bf16)")
     args = p.parse_args(argv)
     tiny = args.arch == "tiny"
@@ -441,13 +443,15 @@ def prepare(args) -> dict:
             "device_name": device_name, "device_total": device_total}
 
 
-def time_steps(args, learner, client) -> list[dict]:
+def time_steps(args, learner, client, *, warmup: int | None = None, steps: int | None = None) -> list[dict]:
     """--warmup then --steps learner steps, each timed end to end; peak memory counts the timed steps only."""
     import torch
 
+    warmup = args.warmup if warmup is None else warmup
+    steps = args.steps if steps is None else steps
     records = []
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup and torch.cuda.is_available():
+    for i in range(warmup + steps):
+        if i == warmup and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         learner.logprob_seconds = 0.0
         _cuda_sync()
@@ -455,9 +459,11 @@ def time_steps(args, learner, client) -> list[dict]:
         metrics = learner.step()
         _cuda_sync()
         record = _step_record(metrics, time.perf_counter() - start, client.last_tokens, learner.logprob_seconds)
-        record["warmup"] = i < args.warmup
+        record["warmup"] = i < warmup
+        record["share_prompt"] = learner.share_prompt
         records.append(record)
-        print(f"[bench] step {i + 1}/{args.warmup + args.steps}{' (warm-up)' if record['warmup'] else ''}: "
+        print(f"[bench] step {i + 1}/{warmup + steps}{' (warm-up)' if record['warmup'] else ''}"
+              f"{'' if learner.share_prompt else ' (unshared)'}: "
               f"{record['step_s']:.1f} s, {record['tokens_per_s_per_gpu']:.0f} tokens/s/GPU, "
               f"phases {record['phases_s']}", flush=True)
     return records
@@ -531,6 +537,9 @@ def _learner_part(args, ctx, task, examples, process, url, startup) -> dict:
         push = learner.push_weights()  # what GRPOLearner.run does first: the server then serves these weights
         startup["initial_push_s"] = round(time.perf_counter() - t0, 2)
         records = time_steps(args, learner, client)
+        if args.compare_unshared and learner.share_prompt:
+            learner.share_prompt = False  # the baseline: one row per rollout
+            records += time_steps(args, learner, client, warmup=0, steps=args.compare_unshared)
         params = model_params(learner.policy.model)
     finally:
         memory = sampler.stop() if sampler is not None else {}
@@ -590,10 +599,14 @@ def _torch_memory(device_total: float | None) -> dict:
 def build_result(args, ctx, records, params, shape, memory, startup, push) -> dict:
     cfg, model_dir = ctx["cfg"], ctx["model_dir"]
     g, s, m = cfg.grpo, cfg.server, cfg.model
-    timed = [r for r in records if not r["warmup"]]
+    timed = [r for r in records if not r["warmup"] and r["share_prompt"] == g.share_prompt]
+    baseline = [r for r in records if not r["warmup"] and r["share_prompt"] != g.share_prompt]
     trainable, total = params
+    on_cuda = ctx["device_total"] is not None
     result = {"bench": "grpo_step", "arch": args.arch, "device": ctx["device_name"], "gpus": 1,
-              "train": ctx["mode"], **summarize(args, timed, total, trainable, ctx["device_total"] is not None)}
+              "train": ctx["mode"], **summarize(args, timed, total, trainable, on_cuda)}
+    if baseline:
+        result["unshared"] = summarize(args, baseline, total, trainable, on_cuda)
     rollouts = args.prompts * args.G
     result.update(
         shape={"prompts": args.prompts, "G": args.G, "rollouts": rollouts, "completion_tokens": args.completion,
@@ -603,6 +616,7 @@ def build_result(args, ctx, records, params, shape, memory, startup, push) -> di
         setting={"lora": m.lora.enabled, "gradient_checkpointing": m.gradient_checkpointing,
                  "freeze_vision": m.freeze_vision, "beta": g.beta, "loss_type": g.loss_type,
                  "micro_batch_tokens": g.micro_batch_tokens, "optimizer": g.optim.optimizer,
+                 "share_prompt": g.share_prompt,
                  "transport": s.transport, "gpu_memory_utilization": s.gpu_memory_utilization,
                  "max_num_seqs": s.max_num_seqs, "enable_prefix_caching": s.enable_prefix_caching,
                  "weights": "saved random" if has_weights(model_dir) else "random: vLLM dummy, learner random init",

@@ -139,6 +139,39 @@ def _patch_trl_for_random_weights(folder: Path) -> None:
     gt.create_model_from_path = random_model
 
 
+GENERATIONS: list[dict] = []
+"""What TRL's colocated vLLM was asked and answered, per generate call (its completion lengths are reported)."""
+
+
+def _probe_trl_vllm_generate() -> None:
+    """Record prompt and completion lengths, finish reasons and max_tokens of every vLLM generate TRL makes:
+    a run on the H100 logged 1-token completions (mean_length 1, clipped_ratio 1) without saying why."""
+    import trl.generation.vllm_generation as vg
+
+    llm_class = vg.LLM
+
+    def probed_llm(*a, **kw):
+        llm = llm_class(*a, **kw)
+        generate = llm.generate
+
+        def probed_generate(prompts, sampling_params=None, *ga, **gkw):
+            outputs = generate(prompts, sampling_params, *ga, **gkw)
+            params = sampling_params[0] if isinstance(sampling_params, list) else sampling_params
+            record = {"requests": len(outputs), "max_tokens": getattr(params, "max_tokens", None),
+                      "ignore_eos": getattr(params, "ignore_eos", None), "max_model_len": kw.get("max_model_len"),
+                      "prompt_len": sorted({len(o.prompt_token_ids or []) for o in outputs})[:5],
+                      "completion_len": sorted({len(c.token_ids) for o in outputs for c in o.outputs})[:5],
+                      "finish": sorted({str(c.finish_reason) for o in outputs for c in o.outputs})}
+            GENERATIONS.append(record)
+            print(f"[trl-probe] vLLM generate: {record}", flush=True)
+            return outputs
+
+        llm.generate = probed_generate
+        return llm
+
+    vg.LLM = probed_llm
+
+
 def _policy(folder: Path, mode: str, on_cuda: bool):
     """The policy as suzak's learner holds it: fp32 masters under bf16 autocast, or a bf16 base for LoRA."""
     from suzak.models import pick_attn_implementation
@@ -190,7 +223,8 @@ def _trl_config(args, attempt: dict, out_dir: Path, on_cuda: bool):
         num_generations=args.G, max_completion_length=args.completion, temperature=0.9,
         generation_kwargs=gen_kwargs, gradient_checkpointing=True, bf16=on_cuda, use_cpu=not on_cuda,
         use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=args.gpu_memory_utilization,
-        vllm_max_model_length=args.visual_tokens + args.text_tokens + args.completion + 256,
+        # Room to spare: a tight limit would cut completions short (vLLM stops a request at max_model_len).
+        vllm_max_model_length=max(4096, 2 * (args.visual_tokens + args.text_tokens + args.completion)),
         logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
         dataloader_num_workers=0, remove_unused_columns=False)
 
@@ -205,6 +239,7 @@ def run_attempt(args, attempt: dict) -> dict:
     on_cuda = torch.cuda.is_available()
     folder = make_arch(args.work / "models" / args.arch, args.arch)
     _patch_trl_for_random_weights(folder)
+    _probe_trl_vllm_generate()
     processor = AutoProcessor.from_pretrained(str(folder))
     rows, shape = _dataset(args, processor)
     mode = attempt["train"]
@@ -245,7 +280,7 @@ def run_attempt(args, attempt: dict) -> dict:
                     "freeze_vision": mode in ("lora", "frozen_vision"),
                     "gpu_memory_utilization": args.gpu_memory_utilization, "ignore_eos": True,
                     "generation_kwargs": trainer.args.generation_kwargs},
-        "steps": steps, "trl_step_time_s": last.get("step_time"),
+        "steps": steps, "trl_step_time_s": last.get("step_time"), "vllm_generate": GENERATIONS,
     }
 
 

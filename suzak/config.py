@@ -178,6 +178,10 @@ class GRPOConfig(Section):
     """Optimizer steps per pass; the rollout batch is split into this many mini-batches."""
     micro_batch_tokens: int = Field(16384, ge=64)
     """Token budget of one learner forward/backward micro-batch."""
+    share_prompt: bool = True
+    """Run each group's prompt (image included) once in the learner, its G completions after it in one row, each
+    attending to the prompt and itself only: exact, and G-fold less prompt compute. Needs sdpa or eager attention
+    (model.attn_implementation auto picks sdpa for it); with flash_attention_2 groups run unshared."""
     tis_cap: float | None = Field(2.0, gt=0)
     """Cap of the truncated importance-sampling correction for the server/learner log-prob mismatch (null: off)."""
     reward_mode: Literal["guarded", "r1v"] = "guarded"

@@ -457,7 +457,10 @@ def load_policy(cfg, device, *, stage: str = "grpo") -> Policy:
 
     # LoRA: the base never changes, so it needs no fp32 master copy.
     load_dtype = precision.compute_dtype if m.lora.enabled else precision.param_dtype
-    attn = pick_attn_implementation(m.attn_implementation, dtype=_DTYPE_NAMES[precision.compute_dtype])
+    requested_attn = m.attn_implementation
+    if stage == "grpo" and cfg.grpo.share_prompt and requested_attn == "auto":
+        requested_attn = "sdpa"  # shared-prompt rows need an arbitrary attention mask, which flash-attn cannot take
+    attn = pick_attn_implementation(requested_attn, dtype=_DTYPE_NAMES[precision.compute_dtype])
     # Sharded strategies place the weights themselves when the model is prepared.
     where = None if strategy().startswith(("zero3", "fsdp")) else str(device)
     model = load_model(m.name_or_path, dtype=_DTYPE_NAMES[load_dtype], attn_implementation=attn, device=where)

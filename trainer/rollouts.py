@@ -98,6 +98,40 @@ def collect_rollouts(prompts: list[PreparedPrompt], response: GenerateResponse, 
 
 
 @dataclass
+class SharedPrompts:
+    """A micro-batch laid out one row per group: the group's prompt once, then each rollout's completion after it.
+
+    A completion attends to the prompt and to its own earlier tokens only (see `segments`), and its positions
+    continue from the prompt's as in its own row, so every token sees what it would see unshared; the prompt
+    (image included) runs once per group instead of G times.
+    """
+
+    input_ids: torch.Tensor
+    """[groups, W] prompt ids, then the completions back to back, right-padded."""
+    mm_token_type_ids: torch.Tensor | None
+    """[groups, W] the prompts' modality types (completions are text)."""
+    prompt_lengths: list[int]
+    segments: torch.Tensor
+    """[groups, W] 0 on prompt tokens, k on the k-th completion (from 1), -1 on padding."""
+    completion_offsets: torch.Tensor
+    """[groups, W] j + 1 on a completion's j-th token (its position is the prompt's last + j + 1), else 0."""
+    source: torch.Tensor
+    """[N] flat indices into the [groups * W] hidden states that predict the loss tokens..."""
+    dest: torch.Tensor
+    """[N] ...and the flat indices of those tokens in the unshared [B, T-1] layout (completion_mask > 0)."""
+
+    def attention_bias(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """[groups, 1, W, W] additive mask: causal, and a completion sees the prompt and itself only."""
+        seg = self.segments.to(device)
+        width = seg.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        query, key = seg[:, :, None], seg[:, None, :]
+        allowed = causal & ((key == 0) | (key == query))
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@dataclass
 class MicroBatch:
     """Right-padded learner inputs for a few rollouts; completion_mask marks the tokens the loss sees."""
 
@@ -118,6 +152,8 @@ class MicroBatch:
     row_images: list[int] = field(default_factory=list)
     """For each row in order, the indices (into image_grid_thw) of its images: the rows' image features.
     Empty: pixel_values already hold every row's images in row order (no sharing)."""
+    shared: SharedPrompts | None = None
+    """The same rollouts one row per group (prompt once); when set, the forward runs on it instead of the rows."""
 
     @property
     def row_grid_thw(self) -> torch.Tensor:
@@ -148,8 +184,30 @@ def cut_micro_batches(rollouts: list[Rollout], prompts: list[PreparedPrompt], to
     return batches
 
 
+def cut_group_micro_batches(rollouts: list[Rollout], prompts: list[PreparedPrompt],
+                            token_budget: int) -> list[list[int]]:
+    """Whole groups per micro-batch, sized by their shared layout (groups x longest prompt-plus-completions row)."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rollouts):
+        groups.setdefault(r.prompt_index, []).append(i)
+    length = {p: len(prompts[p].input_ids) + sum(len(rollouts[i].completion_ids) for i in ix)
+              for p, ix in groups.items()}
+    batches, current, longest = [], [], 0
+    for p in sorted(groups, key=lambda q: (length[q], q)):
+        new_longest = max(longest, length[p])
+        count = len({rollouts[i].prompt_index for i in current}) + 1
+        if current and new_longest * count > token_budget:
+            batches.append(current)
+            current, new_longest = [], length[p]
+        current.extend(groups[p])
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches
+
+
 def build_micro_batch(indices: list[int], rollouts: list[Rollout], prompts: list[PreparedPrompt],
-                      pad_id: int, vision_token_ids: set[int]) -> MicroBatch:
+                      pad_id: int, vision_token_ids: set[int], *, share_prompts: bool = False) -> MicroBatch:
     rows, masks, targets, rlogps, mm_rows = [], [], [], [], []
     for idx in indices:
         r = rollouts[idx]
@@ -191,9 +249,49 @@ def build_micro_batch(indices: list[int], rollouts: list[Rollout], prompts: list
             mm_t[b, : len(m)] = torch.tensor(m)
     pixel_values, grids, row_images = _distinct_images([rollouts[i].prompt_index for i in indices], prompts)
     has_rollout_lp = all(rollouts[i].rollout_logps is not None for i in indices)
+    shared = _shared_layout(indices, rollouts, prompts, pad_id, width - 1) if share_prompts else None
+    if shared is not None and shared.dest.numel() != int((comp_mask > 0).sum()):
+        raise SuzakError("shared-prompt layout and completion mask disagree on the loss tokens")
     return MicroBatch(indices, input_ids, attention, pixel_values, grids, comp_mask, tgt_t,
                       rlp_t if has_rollout_lp else None, max(len(rollouts[i].completion_ids) for i in indices), mm_t,
-                      row_images=row_images)
+                      row_images=row_images, shared=shared)
+
+
+def _shared_layout(indices: list[int], rollouts: list[Rollout], prompts: list[PreparedPrompt], pad_id: int,
+                   unshared_width: int) -> SharedPrompts:
+    """One row per distinct prompt (in first-appearance order, as `_distinct_images` orders the images)."""
+    order: dict[int, list[int]] = {}
+    for b, idx in enumerate(indices):
+        order.setdefault(rollouts[idx].prompt_index, []).append(b)
+    rows, segs, offsets, mm_rows, source, dest = [], [], [], [], [], []
+    for g, (p, members) in enumerate(order.items()):
+        prompt_ids = prompts[p].input_ids
+        ids, seg, off = list(prompt_ids), [0] * len(prompt_ids), [0] * len(prompt_ids)
+        for k, b in enumerate(members, start=1):
+            r = rollouts[indices[b]]
+            if r.rejected:  # no loss on it, and its vision tokens would need features: leave it out
+                continue
+            start = len(ids)
+            ids.extend(r.completion_ids)
+            seg.extend([k] * len(r.completion_ids))
+            off.extend(range(1, len(r.completion_ids) + 1))
+            # Token j of the completion is predicted at the prompt's last position (j = 0), else at start + j - 1.
+            source.extend([(g, len(prompt_ids) - 1)] + [(g, start + j - 1) for j in range(1, len(r.completion_ids))])
+            dest.extend((b, len(prompt_ids) - 1 + j) for j in range(len(r.completion_ids)))
+        rows.append(ids)
+        segs.append(seg)
+        offsets.append(off)
+        mm = prompts[p].mm_token_type_ids
+        mm_rows.append(None if mm is None else mm + [0] * (len(ids) - len(mm)))
+    width = max(len(x) for x in rows)
+
+    def padded(values: list[list[int]], fill: int) -> torch.Tensor:
+        return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
+
+    mm_t = None if any(m is None for m in mm_rows) else padded(mm_rows, 0)
+    return SharedPrompts(padded(rows, pad_id), mm_t, [len(prompts[p].input_ids) for p in order], padded(segs, -1),
+                         padded(offsets, 0), torch.tensor([g * width + t for g, t in source], dtype=torch.long),
+                         torch.tensor([b * unshared_width + t for b, t in dest], dtype=torch.long))
 
 
 def _distinct_images(prompt_indices: list[int], prompts: list[PreparedPrompt]):

@@ -138,7 +138,7 @@ def test_grpo_step_runs_end_to_end_on_the_tiny_model(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out")}
     cmd = [sys.executable, str(ROOT / "bench" / "grpo_step.py"), "--arch", "tiny", "--prompts", "2", "--G", "2",
            "--completion", "8", "--steps", "1", "--warmup", "0", "--visual-tokens", "16", "--text-tokens", "40",
-           "--work", str(tmp_path / "work")]
+           "--compare-unshared", "1", "--work", str(tmp_path / "work")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
         stdout, stderr = proc.communicate(timeout=170)
@@ -159,3 +159,7 @@ def test_grpo_step_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert shape["visual_tokens"] == 16 and shape["prompt_tokens"] == 16 + shape["text_tokens"]
     assert result["tokens_per_step"] == 4 * (shape["prompt_tokens"] + 8)
     assert result["setting"]["transport"] == "files" and result["train"] == "full"
+    # The shared-prompt step, then the unshared baseline on the same learner, summarised apart.
+    assert result["setting"]["share_prompt"] is True
+    assert [r["share_prompt"] for r in result["steps"]] == [True, False]
+    assert result["unshared"]["tokens_per_step"] == result["tokens_per_step"]

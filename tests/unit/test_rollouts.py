@@ -2,8 +2,9 @@
 
     .venv/bin/python -m pytest tests/unit/test_rollouts.py -q
 
-The G rollouts of a group share one image; the learner encodes it once per micro-batch. These tests check that
-this gives the same log-probs and the same gradients as encoding it once per rollout, and that micro-batches
+The G rollouts of a group share one image; the learner encodes it once per micro-batch, and with
+grpo.share_prompt runs the whole prompt once per group (one row: prompt, then the G completions). These tests
+check that both give the same log-probs and the same gradients as one row per rollout, and that micro-batches
 keep a group's rollouts together.
 """
 
@@ -17,7 +18,8 @@ from suzak.models import load_model, load_processor
 from suzak.tasks import get_task
 from suzak.tasks.sources import synth_examples
 from trainer.grpo import completion_logps
-from trainer.rollouts import MicroBatch, Rollout, build_micro_batch, cut_micro_batches, prepare_prompt
+from trainer.rollouts import (MicroBatch, Rollout, build_micro_batch, cut_group_micro_batches, cut_micro_batches,
+                              prepare_prompt)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,24 @@ def _per_row_batch(mb: MicroBatch, prompts, rollouts) -> MicroBatch:
                       mb.rollout_logps, mb.max_completion, mb.mm_token_type_ids)
 
 
+def _logps_and_grads(model, mb: MicroBatch, temperature: float = 1.0):
+    model.zero_grad()
+    logps = completion_logps(model, mb, temperature, torch.device("cpu"))
+    # Weight tokens unevenly, so a mix-up of which log-prob lands where would change the gradients.
+    weights = torch.linspace(0.5, 1.5, logps.numel()).view(logps.shape)
+    (logps * mb.completion_mask * weights).sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(result_a, result_b):
+    (a, grads_a), (b, grads_b) = result_a, result_b
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert any("visual" in n for n in grads_a)  # the vision tower is trained through the shared features
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_shared_image_encoding_equals_per_rollout_encoding(tiny, prompts):
     model, processor = tiny
     rollouts = _rollouts(prompts, group=3)
@@ -70,21 +90,51 @@ def test_shared_image_encoding_equals_per_rollout_encoding(tiny, prompts):
     shared = build_micro_batch(indices, rollouts, prompts, pad, set())
     assert shared.pixel_values.shape[0] == sum(p.pixel_values.shape[0] for p in prompts)  # each image once
     unshared = _per_row_batch(shared, prompts, rollouts)
-
-    results = []
-    for mb in (shared, unshared):
-        model.zero_grad()
-        logps = completion_logps(model, mb, 1.0, torch.device("cpu"))
-        (logps * mb.completion_mask).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((logps.detach(), grads))
-    (a, grads_a), (b, grads_b) = results
     assert shared.completion_mask.sum() > 0
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert any("visual" in n for n in grads_a)  # the vision tower is trained through the shared features
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same(_logps_and_grads(model, shared), _logps_and_grads(model, unshared))
+
+
+def test_shared_prompt_rows_equal_one_row_per_rollout(tiny, prompts):
+    model, processor = tiny
+    rollouts = _rollouts(prompts, group=3, seed=5)
+    rollouts[4].rejected = True  # a rejected completion is left out of its group's row and out of the loss
+    indices = [0, 3, 6, 1, 4, 7, 2, 5, 8]
+    pad = processor.tokenizer.pad_token_id
+    packed = build_micro_batch(indices, rollouts, prompts, pad, set(), share_prompts=True)
+    shared = packed.shared
+    assert shared.input_ids.shape[0] == len(prompts)  # one row per group
+    assert shared.input_ids.shape[1] < packed.input_ids.shape[0] * packed.input_ids.shape[1] / len(prompts)
+    assert shared.dest.numel() == int(packed.completion_mask.sum())
+    unshared = _per_row_batch(packed, prompts, rollouts)
+    _assert_same(_logps_and_grads(model, packed, 0.7), _logps_and_grads(model, unshared, 0.7))
+
+
+def test_shared_prompt_mask_keeps_completions_apart(tiny, prompts):
+    """A completion must not see its siblings: changing one completion leaves the others' log-probs unchanged."""
+    model, processor = tiny
+    rollouts = _rollouts(prompts, group=3, seed=6)
+    pad = processor.tokenizer.pad_token_id
+    before = completion_logps(model, build_micro_batch([0, 1, 2], rollouts, prompts, pad, set(), share_prompts=True),
+                              1.0, torch.device("cpu")).detach()
+    rollouts[1].completion_ids = [7] * len(rollouts[1].completion_ids)
+    after = completion_logps(model, build_micro_batch([0, 1, 2], rollouts, prompts, pad, set(), share_prompts=True),
+                             1.0, torch.device("cpu")).detach()
+    torch.testing.assert_close(before[[0, 2]], after[[0, 2]], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(before[1], after[1])
+
+
+def test_group_micro_batches_hold_whole_groups_within_budget(prompts):
+    rollouts = _rollouts(prompts, group=4, seed=2)
+    packed_length = {p: len(prompts[p].input_ids) + sum(len(r.completion_ids) for r in rollouts if r.prompt_index == p)
+                     for p in range(len(prompts))}
+    budget = 2 * max(packed_length.values())
+    batches = cut_group_micro_batches(rollouts, prompts, token_budget=budget)
+    assert sorted(i for b in batches for i in b) == list(range(len(rollouts)))
+    assert len(batches) == 2
+    for b in batches:
+        groups = {rollouts[i].prompt_index for i in b}
+        assert all(sum(rollouts[i].prompt_index == p for i in b) == 4 for p in groups)  # whole groups
+        assert len(groups) * max(packed_length[p] for p in groups) <= budget
 
 
 def test_micro_batches_keep_groups_together(prompts):
