@@ -1,6 +1,7 @@
 """Benchmark: push learner weights into a running `suzak serve`, and check the server really serves them.
 
     python bench/weight_sync.py --model 7b --transport ipc --repeats 3            # H100: 7B shapes, CUDA IPC
+    python bench/weight_sync.py --model 7b --transport ipc --set server.direct_weight_load=false   # vLLM's path
     python bench/weight_sync.py --model 7b --transport ipc --packed --bucket-mb 2048
     python bench/weight_sync.py --model tiny --transport files                    # CPU smoke check
 
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the perturb/restore correctness check")
     ap.add_argument("--learner-device", default=None, help="default cuda:0 when CUDA is available, else cpu")
     ap.add_argument("--out", default="runs/bench/weight_sync")
+    ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides, e.g. server.direct_weight_load=false (vLLM's weight-transfer engine)")
     args = ap.parse_args()
     run(args)
 
@@ -117,12 +120,13 @@ def run(args) -> None:
         f"out_dir={out}", f"model.name_or_path={path}", "model.min_pixels=3136", "model.max_pixels=200704",
         f"server.dtype={dtype}", f"server.gpu_memory_utilization={args.gpu_memory_utilization if on_gpu else 0.12}",
         f"server.max_model_len={args.max_model_len}", "server.enforce_eager=true", "server.max_num_seqs=32",
-        f"server.transport={'files' if transport_name == 'files' else transport_name}"])
+        f"server.transport={'files' if transport_name == 'files' else transport_name}", *args.overrides])
     t0 = time.perf_counter()
     env = {"SUZAK_VLLM_ENGINE_ARGS": json.dumps(engine_args)} if engine_args else {}
     process, url = start_local_server(cfg, out / "server.log", env=env, timeout_s=1200)
     result: dict = {"bench": "weight_sync", "model": args.model, "transport": transport_name, "packed": args.packed,
-                    "bucket_mb": args.bucket_mb, "server_start_s": round(time.perf_counter() - t0, 1)}
+                    "bucket_mb": args.bucket_mb, "server_start_s": round(time.perf_counter() - t0, 1),
+                    "direct_weight_load": cfg.server.direct_weight_load, "overrides": args.overrides}
     try:
         client = RolloutClient(url, timeout=1200)
         info = client.info()

@@ -217,6 +217,9 @@ class ServerConfig(Section):
     """Server weight dtype. 'auto': bfloat16 on CUDA, float32 on CPU."""
     transport: Literal["auto", "files", "ipc", "nccl"] = "auto"
     """Weight transport from learner to server. auto: ipc when both share a GPU, nccl for other GPUs, files on CPU."""
+    direct_weight_load: bool = True
+    """ipc pushes copy straight into the served parameters, along a map learned from vLLM's own load_weights on
+    the first push (vllm_server/direct_load.py); false: vLLM's weight-transfer engine (layerwise reload, slower)."""
     nccl_port: int = Field(29555, ge=1, le=65535)
     """TCP port of the NCCL weight-transfer rendezvous."""
     bucket_mb: int = Field(1024, ge=1)

@@ -10,6 +10,9 @@ tests import it freely. It is also the one place that knows how vLLM 0.26 throug
   puts each key where this vLLM wants it, so the learner sends one version-neutral message.
 - vLLM 0.26's ipc_engine.py imports ray at module level though IPC never uses it; without ray installed,
   an empty stand-in package is put on the path (of this process and the engine's children).
+- ipc pushes (server.direct_weight_load) skip the engine's layerwise reload: `DirectWeightsWorker`, a worker
+  extension (`worker_extension_cls`, the same in both versions), opens the handles and copies each tensor into the
+  parameter slices that vLLM's own load_weights chose on the first push (vllm_server/direct_load.py).
 - files transport: the worker's `reload_weights(weights_path=...)` (both versions, CPU worker included)
   reloads the safetensors shards in place through vLLM's layerwise reload and resets its encoder/mm caches.
 Every weight change runs inside pause_generation(clear_cache=True) ... resume_generation(): the prefix-KV and
@@ -47,6 +50,8 @@ log = logging.getLogger("suzak.server")
 MAX_IMAGES_PER_PROMPT = 4
 # Keys whose home (init_info or update_info) depends on the vLLM version.
 PACKED_KEYS = ("packed", "packed_buffer_size_bytes", "packed_num_buffers")
+DIRECT = "ipc-direct"
+"""The open update's mark when the direct-load worker extension carries it (no engine-side update to close)."""
 ENGINE_ARGS_ENV = "SUZAK_VLLM_ENGINE_ARGS"
 """JSON of extra vLLM engine arguments (e.g. {"load_format": "dummy"} for benchmarks); wins over the config."""
 
@@ -137,6 +142,70 @@ def safetensors_shards(path: str | None) -> tuple[list[Path], int]:
         with safe_open(str(shard), framework="pt") as f:
             count += len(list(f.keys()))
     return shards, count
+
+
+class DirectWeightsWorker:
+    """Mixed into vLLM's GPU worker (`worker_extension_cls`): direct ipc weight updates.
+
+    `self` is the worker (model_runner, device, vllm_config). Called through collective_rpc between
+    pause_generation and resume_generation, without start/finish_weight_update, whose layerwise-reload wrappers
+    are what this replaces.
+    """
+
+    def suzak_direct_update(self, update_info: dict) -> dict:
+        import torch
+
+        from vllm_server.direct_load import DirectLoadPlan
+
+        start = time.perf_counter()
+        weights = self._suzak_open_handles(update_info)
+        opened = time.perf_counter()
+        plan = getattr(self, "_suzak_plan", None)
+        if plan is not None and plan.still_valid():
+            timings = plan.apply(weights, load_fn=self._suzak_load_weights)
+        else:
+            if self.vllm_config.quant_config is not None:
+                raise RuntimeError("direct weight loads assume unquantized weights: set server.direct_weight_load=false")
+            plan = DirectLoadPlan.build(self.model_runner.get_model(), weights, load_fn=self._suzak_load_weights)
+            self._suzak_plan = plan
+            timings = {"built": True, "direct": plan.direct_names, "fallback": [
+                n for n, e in plan.entries.items() if not e.direct]}
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the learner reuses the sources once we return
+        del weights  # closes the IPC mappings
+        timings.update(open_s=opened - start, worker_s=time.perf_counter() - start)
+        return timings
+
+    def _suzak_open_handles(self, update_info: dict) -> list:
+        import base64
+        import pickle
+
+        import torch
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        handles = update_info.get("ipc_handles")
+        if handles is None:
+            handles = pickle.loads(base64.b64decode(update_info["ipc_handles_pickled"]))
+        uuid = str(torch.cuda.get_device_properties(self.device).uuid)
+        weights = []
+        for name, handle in zip(update_info["names"], handles):
+            if uuid not in handle:
+                raise RuntimeError(f"weight '{name}' was shared from another GPU ({sorted(handle)}); ipc needs the "
+                                   f"learner on this server's GPU ({uuid}): use server.transport=nccl")
+            args = list(handle[uuid])
+            args[6] = self.device.index  # the receiving device, as vLLM's ipc engine does
+            weights.append((name, rebuild_cuda_tensor(*args)))
+        return weights
+
+    def _suzak_load_weights(self, weights: list) -> None:
+        model = self.model_runner.get_model()
+        try:  # 0.32 loads pushed weights inside this guard (a partial push is not a broken checkpoint); 0.26 has none
+            from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
+        except ImportError:
+            model.load_weights(weights)
+            return
+        with disable_mtp_completeness_check():
+            model.load_weights(weights)
 
 
 def _field_names(cls: type) -> set[str]:
@@ -302,6 +371,8 @@ class VLLMEngine(Engine):
                 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=self.backend)
             self.adapter = TransferAdapter.for_installed_vllm(self.backend)
+            if self.backend == "ipc" and srv.direct_weight_load:
+                kwargs["worker_extension_cls"] = f"{__name__}.{DirectWeightsWorker.__name__}"
         kwargs.update(json.loads(os.environ.get(ENGINE_ARGS_ENV) or "{}"))
         log.info("Initializing vLLM %s engine (%s)", self.engine_version,
                  ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "weight_transfer_config"))
@@ -459,14 +530,20 @@ class VLLMEngine(Engine):
                                        "(NCCLTransport.init does it)", status=409)
                 update_info = adapter.update_info(req.payload)
                 count = len(update_info.get("names", []))
-            await self._begin_or_continue(req, timings)
+            direct = self._direct(req, update_info)
+            await self._begin_or_continue(req, timings, direct=direct)
             try:
-                await self._timed(timings, "load", self._load(req, update_info))
+                if direct:
+                    worker = await self._timed(timings, "load", self.llm.collective_rpc(
+                        "suzak_direct_update", args=(update_info,)))
+                    timings.update({f"worker_{k}": v for k, v in worker[0].items() if isinstance(v, (int, float))})
+                else:
+                    await self._timed(timings, "load", self._load(req, update_info))
             except BaseException:
                 await self._abandon_update()
                 raise
             if req.end:
-                await self._finish_update(req, timings)
+                await self._finish_update(req, timings, direct=direct)
         return wire.WeightUpdateResponse(policy_version=self.policy_version, seconds=time.perf_counter() - start,
                                          tensors=count, timings=timings)
 
@@ -477,7 +554,12 @@ class VLLMEngine(Engine):
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
         return result
 
-    async def _begin_or_continue(self, req: wire.WeightUpdateRequest, timings: dict) -> None:
+    def _direct(self, req: wire.WeightUpdateRequest, update_info: dict | None) -> bool:
+        """One unpacked ipc message on a server built with the direct-load worker extension."""
+        return (req.transport == "ipc" and self.cfg.server.direct_weight_load and req.begin and req.end
+                and update_info is not None and not (req.payload or {}).get("packed", False))
+
+    async def _begin_or_continue(self, req: wire.WeightUpdateRequest, timings: dict, *, direct: bool = False) -> None:
         if not req.begin:
             if self._open_update != req.transport:
                 raise RequestError(f"no {req.transport} weight update is open: the first message of a push needs "
@@ -487,12 +569,12 @@ class VLLMEngine(Engine):
             log.warning("a %s weight update was left open (learner restarted?); closing it first", self._open_update)
             await self._abandon_update()
         self._settled.clear()
-        self._open_update = req.transport
+        self._open_update = DIRECT if direct else req.transport
         try:
             await self._timed(timings, "drain", self._idle.wait())
             # Nothing is in flight now; pausing still matters: it clears the prefix-KV, mm and encoder caches.
             await self._timed(timings, "pause", self.llm.pause_generation(mode="wait", clear_cache=True))
-            if req.transport != "files":
+            if req.transport != "files" and not direct:
                 await self._timed(timings, "start", self.llm.start_weight_update())
         except BaseException:
             await self._abandon_update()
@@ -507,8 +589,8 @@ class VLLMEngine(Engine):
 
         await self.llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
 
-    async def _finish_update(self, req: wire.WeightUpdateRequest, timings: dict) -> None:
-        if req.transport != "files":
+    async def _finish_update(self, req: wire.WeightUpdateRequest, timings: dict, *, direct: bool = False) -> None:
+        if req.transport != "files" and not direct:
             await self._timed(timings, "finish", self.llm.finish_weight_update())
         self.policy_version = req.version
         self._open_update = None
@@ -519,7 +601,7 @@ class VLLMEngine(Engine):
         """After a failed load: close the worker's update and serve again (the learner sees the error and re-pushes)."""
         transport, self._open_update = self._open_update, None
         try:
-            if transport not in (None, "files"):
+            if transport not in (None, "files", DIRECT):
                 await self.llm.finish_weight_update()
         except Exception as e:
             log.warning("closing the failed %s update raised %s", transport, e)
