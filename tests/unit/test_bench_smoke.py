@@ -163,3 +163,21 @@ def test_grpo_step_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert result["setting"]["share_prompt"] is True
     assert [r["share_prompt"] for r in result["steps"]] == [True, False]
     assert result["unshared"]["tokens_per_step"] == result["tokens_per_step"]
+
+
+def test_scaling_points_vary_one_quantity_at_a_time_and_plot(tmp_path):
+    import scaling
+
+    args, rest = scaling.parse_args(["--arch", "tiny", "--G-values", "4", "8", "16", "--completions", "128", "256",
+                                     "--visual-tokens-values", "512"])
+    pts = scaling.points(args)
+    assert pts[0] == {"G": 8, "completion": 256, "visual_tokens": 512, "varies": "reference"}
+    assert [(p["varies"], p["G"], p["completion"]) for p in pts[1:]] == [("G", 4, 256), ("G", 16, 256),
+                                                                          ("completion", 8, 128)]
+    big = scaling.largest(args, rest)
+    assert (big.G, big.completion, big.visual_tokens) == (16, 256, 512)
+    result = {"arch": "tiny", "train": "full", "prompts": 2, "device": "cpu", "points": [
+        dict(p, step_s=1.0 + i, generate_s=0.2, update_s=0.7 + i, tokens_per_s_per_gpu=100.0) for i, p in enumerate(pts)]}
+    assert scaling.table(result).count("\n") == len(pts) + 1
+    png = scaling.plot(result, tmp_path / "scaling.png")
+    assert png.stat().st_size > 10_000
