@@ -640,13 +640,17 @@ def main(argv: list[str] | None = None) -> int:
     except SuzakError as e:
         print(f"[bench] error: {e}", file=sys.stderr)
         return 2
-    line = json.dumps(result)
-    print("RESULT " + line, flush=True)
+    emit_result(result, f"grpo_step_{args.arch}.json")
+    return 0
+
+
+def emit_result(result: dict, name: str) -> None:
+    """Print `RESULT {json}` and, when $OUT is set (the device's return folder), write it there as `name`."""
+    print("RESULT " + json.dumps(result), flush=True)
     if os.environ.get("OUT"):
-        target = Path(os.environ["OUT"]) / f"grpo_step_{args.arch}.json"
+        target = Path(os.environ["OUT"]) / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ learner, whose config is changed between points, so a point costs its steps and 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -190,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except SuzakError as e:
         print(f"[scaling] error: {e}", file=sys.stderr)
         return 2
-    print("RESULT " + json.dumps(result), flush=True)
-    if os.environ.get("OUT"):
-        target = Path(os.environ["OUT"]) / f"scaling_{args.arch}.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=2) + "\n")
+    grpo_step.emit_result(result, f"scaling_{args.arch}.json")
     return 0
 
 

@@ -387,11 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     except SuzakError as e:
         print(f"[trl] error: {e}", file=sys.stderr)
         return 2
-    print("RESULT " + json.dumps(result), flush=True)
-    if os.environ.get("OUT"):
-        target = Path(os.environ["OUT"]) / f"trl_baseline_{args.arch}.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=2) + "\n")
+    grpo_step.emit_result(result, f"trl_baseline_{args.arch}.json")
     return 0 if "error" not in result else 1
 
 
