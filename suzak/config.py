@@ -178,6 +178,10 @@ class GRPOConfig(Section):
     """Optimizer steps per pass; the rollout batch is split into this many mini-batches."""
     micro_batch_tokens: int = Field(16384, ge=64)
     """Token budget of one learner forward/backward micro-batch."""
+    oversample: float = Field(1.0, ge=1.0)
+    """Generate for this many times prompts_per_step prompts, then train on prompts_per_step groups, those whose
+    rewards differ first (DAPO-style dynamic sampling with a fixed batch): groups with one reward for every
+    completion have zero advantage and teach nothing. 1.0: off."""
     share_prompt: bool = True
     """Run each group's prompt (image included) once in the learner, its G completions after it in one row, each
     attending to the prompt and itself only: exact, and G-fold less prompt compute. Needs sdpa or eager attention

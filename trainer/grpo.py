@@ -177,6 +177,28 @@ def _unshared_hidden(backbone, mb: MicroBatch, device) -> torch.Tensor:
     return out.last_hidden_state[:, :-1]
 
 
+def keep_informative_groups(rollouts: list[Rollout], prompts: list[PreparedPrompt],
+                            count: int) -> tuple[list[Rollout], list[PreparedPrompt], float]:
+    """`count` groups, those whose rewards differ first (in generation order), then zero-variance ones to fill.
+
+    A fixed count keeps every step (and every rank) the same size. Returns the kept rollouts with their prompt
+    indices renumbered, the kept prompts, and the fraction of generated groups that were informative.
+    """
+    groups: dict[int, list[Rollout]] = {}
+    for r in rollouts:
+        groups.setdefault(r.prompt_index, []).append(r)
+    informative = [p for p, rs in groups.items() if max(r.reward for r in rs) - min(r.reward for r in rs) > 1e-6]
+    rest = [p for p in groups if p not in set(informative)]
+    kept = (informative + rest)[:count]
+    new_index = {p: i for i, p in enumerate(kept)}
+    kept_rollouts = []
+    for p in kept:
+        for r in groups[p]:
+            r.prompt_index = new_index[p]
+            kept_rollouts.append(r)
+    return kept_rollouts, [prompts[p] for p in kept], len(informative) / max(1, len(groups))
+
+
 class PolicyLogps(torch.nn.Module):
     """The policy as one module whose forward returns completion log-probs.
 
@@ -407,7 +429,7 @@ class GRPOLearner:
         timer = Timer()
         per_rank = max(1, g.prompts_per_step // self.acc.num_processes)
         with timer("prepare"):
-            idx = self.sampler.next(per_rank)
+            idx = self.sampler.next(math.ceil(per_rank * g.oversample))
             prompts = [prepare_prompt(self.examples[i], self.task, self.processor, prompt=cfg.data.train_prompt,
                                       system=cfg.data.system_prompt, min_pixels=cfg.model.min_pixels,
                                       max_pixels=cfg.model.max_pixels) for i in idx]
@@ -416,6 +438,9 @@ class GRPOLearner:
             rollouts = self.generate(prompts)
         with timer("reward"):
             metrics = self.score(rollouts, prompts)
+            if len(prompts) > per_rank:
+                rollouts, prompts, informative = keep_informative_groups(rollouts, prompts, per_rank)
+                metrics["groups/informative_generated"] = informative
             metrics.update(self.advantages(rollouts))
         with timer("update"):
             with self.server_asleep():

@@ -129,3 +129,24 @@ def test_resume_repeats_the_next_step_exactly(setup):
     resumed.push_weights()
     again = resumed.step()["loss"]
     assert abs(again - losses[2]) <= 1e-6, (losses, again)
+
+
+def test_oversampling_trains_on_the_configured_number_of_groups(setup):
+    learner = _learner(setup, setup.root / "oversampled", grpo__steps=1, grpo__oversample=2.0)
+    learner.push_weights()
+    seen = {}
+    update = learner.update
+
+    def counting_update(rollouts, prompts):
+        seen.update(groups=len(prompts), rollouts=len(rollouts),
+                    informative_first=[len({r.reward for r in rollouts if r.prompt_index == p}) > 1
+                                       for p in range(len(prompts))])
+        return update(rollouts, prompts)
+
+    learner.update = counting_update
+    metrics = learner.step()
+    assert (seen["groups"], seen["rollouts"]) == (16, 64)  # 32 prompts generated, 16 groups trained on
+    assert learner.sampler.position == 32
+    flags = seen["informative_first"]
+    assert flags == sorted(flags, reverse=True)  # every informative group before any zero-variance one
+    assert 0.0 <= metrics["groups/informative_generated"] <= 1.0

@@ -147,3 +147,17 @@ def test_micro_batches_keep_groups_together(prompts):
     mb = build_micro_batch(batches[0], rollouts, prompts, 0, set())
     assert mb.pixel_values.shape[0] == prompts[rollouts[batches[0][0]].prompt_index].pixel_values.shape[0]
     assert len(mb.row_images) == 4 and mb.row_grid_thw.shape == (4, 3)
+
+
+def test_informative_groups_come_first_and_the_batch_keeps_its_size():
+    from trainer.grpo import keep_informative_groups
+
+    rewards = {0: [1.0, 1.0], 1: [0.0, 1.0], 2: [0.0, 0.0], 3: [2.0, 0.5]}  # groups 1 and 3 are informative
+    prompts = [f"prompt-{p}" for p in rewards]
+    rollouts = [Rollout(prompt_index=p, completion_ids=[p, i], text="", rollout_logps=None, finish_reason="stop",
+                        policy_version=0, reward=v) for p, vs in rewards.items() for i, v in enumerate(vs)]
+    kept, kept_prompts, informative = keep_informative_groups(rollouts, prompts, count=3)
+    assert kept_prompts == ["prompt-1", "prompt-3", "prompt-0"]  # informative first, then filled in order
+    assert informative == 0.5
+    assert [(r.prompt_index, r.completion_ids) for r in kept] == [(0, [1, 0]), (0, [1, 1]), (1, [3, 0]), (1, [3, 1]),
+                                                                   (2, [0, 0]), (2, [0, 1])]
