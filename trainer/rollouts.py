@@ -171,17 +171,7 @@ def cut_micro_batches(rollouts: list[Rollout], prompts: list[PreparedPrompt], to
         group_longest[r.prompt_index] = max(group_longest.get(r.prompt_index, 0), n)
     order = sorted(range(len(rollouts)),
                    key=lambda i: (group_longest[rollouts[i].prompt_index], rollouts[i].prompt_index, lengths[i]))
-    batches, current, longest = [], [], 0
-    for idx in order:
-        new_longest = max(longest, lengths[idx])
-        if current and new_longest * (len(current) + 1) > token_budget:
-            batches.append(current)
-            current, new_longest = [], lengths[idx]
-        current.append(idx)
-        longest = new_longest
-    if current:
-        batches.append(current)
-    return batches
+    return _pack([[i] for i in order], [lengths[i] for i in order], token_budget)
 
 
 def cut_group_micro_batches(rollouts: list[Rollout], prompts: list[PreparedPrompt],
@@ -192,14 +182,21 @@ def cut_group_micro_batches(rollouts: list[Rollout], prompts: list[PreparedPromp
         groups.setdefault(r.prompt_index, []).append(i)
     length = {p: len(prompts[p].input_ids) + sum(len(rollouts[i].completion_ids) for i in ix)
               for p, ix in groups.items()}
-    batches, current, longest = [], [], 0
-    for p in sorted(groups, key=lambda q: (length[q], q)):
-        new_longest = max(longest, length[p])
-        count = len({rollouts[i].prompt_index for i in current}) + 1
-        if current and new_longest * count > token_budget:
+    order = sorted(groups, key=lambda q: (length[q], q))
+    return _pack([groups[p] for p in order], [length[p] for p in order], token_budget)
+
+
+def _pack(units: list[list[int]], lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Consecutive units (rollouts, or whole groups) into micro-batches whose padded size, units x longest unit,
+    stays within the token budget; a unit over the budget goes alone."""
+    batches, current, count, longest = [], [], 0, 0
+    for unit, n in zip(units, lengths):
+        new_longest = max(longest, n)
+        if current and new_longest * (count + 1) > token_budget:
             batches.append(current)
-            current, new_longest = [], length[p]
-        current.extend(groups[p])
+            current, count, new_longest = [], 0, n
+        current.extend(unit)
+        count += 1
         longest = new_longest
     if current:
         batches.append(current)
