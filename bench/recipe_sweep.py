@@ -5,7 +5,7 @@
         --run 'hot=sft.max_steps=120 grpo.steps=300 grpo.optim.lr=3e-4 grpo.beta=0.04'
     python bench/recipe_sweep.py --table /tmp/sweep/recipe_sweep.json     # the Markdown table of a saved record
 
-Each run is `python -m suzak train --out OUT/NAME <overrides>` with its own server port, and its own CPU thread
+Each run is `python -m suzak train --out OUT/NAME <overrides>` with its own CPU thread
 budget (OMP_NUM_THREADS), because runs that share a host without one starve each other's CPU-side prompt
 preparation (seen on the H100 host). A run's `model.name_or_path=tiny:vision_depth=4,vision_hidden=256` builds
 that tiny variant first (under OUT/models). The record holds every run's summary.json, its held-out curve
@@ -25,15 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BASE_PORT = 8100
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Several suzak train recipes side by side.")
     p.add_argument("--out", type=Path, default=Path("/tmp/recipe_sweep"))
     p.add_argument("--run", action="append", default=[], metavar="NAME=OVERRIDES",
                    help="one recipe: a name, '=', then dotted overrides separated by spaces (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads per run")
+    p.add_argument("--stagger", type=float, default=10, help="seconds between launches")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before unfinished runs are stopped")
     p.add_argument("--table", type=Path, help="only print the table of a saved record")
     return p.parse_args(argv)
@@ -67,9 +65,9 @@ def build_variants(runs: list[tuple[str, list[str]]], models: Path) -> list[tupl
     return resolved
 
 
-def launch(name: str, overrides: list[str], index: int, out: Path, threads: int) -> subprocess.Popen:
+def launch(name: str, overrides: list[str], out: Path, threads: int) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "suzak", "train", "--out", str(out / name), f"server.port={BASE_PORT + index}",
+    cmd = [sys.executable, "-m", "suzak", "train", "--out", str(out / name),
            "logging.progress=false", *overrides]
     log = open(out / f"{name}.log", "w")
     print(f"[sweep] {name}: {' '.join(cmd[3:])}", flush=True)
@@ -102,7 +100,10 @@ def run_all(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     runs = build_variants([parse_run(s) for s in args.run], args.out / "models")
     started = time.time()
-    procs = {name: launch(name, overrides, i, args.out, args.threads) for i, (name, overrides) in enumerate(runs)}
+    procs = {}
+    for name, overrides in runs:
+        procs[name] = launch(name, overrides, args.out, args.threads)
+        time.sleep(args.stagger)  # vLLM engines that profile memory at the same moment failed to start
     ended: dict[str, float] = {}
     while len(ended) < len(procs) and time.time() - started < args.timeout:
         for name, proc in procs.items():

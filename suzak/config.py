@@ -186,6 +186,10 @@ class GRPOConfig(Section):
     """Run each group's prompt (image included) once in the learner, its G completions after it in one row, each
     attending to the prompt and itself only: exact, and G-fold less prompt compute. Needs sdpa or eager attention
     (model.attn_implementation auto picks sdpa for it); with flash_attention_2 groups run unshared."""
+    cpu_threads: int = Field(0, ge=0)
+    """Intra-op threads of a learner on CPU. 0: half the cores when the pipeline runs the rollout server on the same
+    host (server.url unset), else all. The server's OpenMP threads keep spinning after each generate, and a learner
+    that wants every core then waits on them at each op: on 2 cores one thread halved the update time."""
     tis_cap: float | None = Field(2.0, gt=0)
     """Cap of the truncated importance-sampling correction for the server/learner log-prob mismatch (null: off)."""
     reward_mode: Literal["guarded", "r1v"] = "guarded"
@@ -228,6 +232,9 @@ class ServerConfig(Section):
     """TCP port of the NCCL weight-transfer rendezvous."""
     bucket_mb: int = Field(1024, ge=1)
     """Bucket size for packed weight pushes, in MiB."""
+    start_during_sft: bool = False
+    """Start the pipeline's local rollout server when SFT starts, on the base weights, and hand it the SFT weights
+    when SFT ends: its start-up then overlaps SFT. Costs the server's memory (gpu_memory_utilization) during SFT."""
     sleep_during_update: bool = False
     """Put the server to sleep (free its GPU memory) while the learner runs its update."""
     startup_timeout_s: float = Field(600.0, gt=0)

@@ -26,7 +26,7 @@ from suzak.tasks import Example, Task
 from trainer import loss as grpo_loss
 from trainer.distributed import micro_batch_context
 from trainer.rollouts import (MicroBatch, PreparedPrompt, Rollout, SharedPrompts, build_micro_batch, collect_rollouts,
-                              cut_group_micro_batches, cut_micro_batches, generate_request, prepare_prompt,
+                              cut_group_micro_batches, cut_micro_batches, generate_request, prepare_prompts,
                               vision_token_ids)
 
 LOGP_CHUNK = 1024
@@ -214,6 +214,16 @@ class PolicyLogps(torch.nn.Module):
         return completion_logps(self.model, mb, temperature, next(self.model.parameters()).device)
 
 
+def learner_cpu_threads(cfg: RunConfig) -> int:
+    """grpo.cpu_threads, or half the cores beside a local rollout server (see the field's docstring), or all."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.grpo.cpu_threads:
+        return cfg.grpo.cpu_threads
+    return max(1, cores // 2) if cfg.server.url is None else cores
+
+
 class GRPOLearner:
     """Owns the policy, the optimizer, the client and the transport for the GRPO stage."""
 
@@ -229,6 +239,8 @@ class GRPOLearner:
         self.acc = make_accelerator(cfg)
         self.device = self.acc.device
         torch.manual_seed(cfg.seed + self.acc.process_index)
+        if self.device.type == "cpu":
+            torch.set_num_threads(learner_cpu_threads(cfg))
         self.policy = load_policy(cfg, self.device)
         g = cfg.grpo
         optimizer, scheduler = build_optimizer(self.policy.model, g.optim, g.steps * g.num_iterations * g.mini_batches)
@@ -430,9 +442,9 @@ class GRPOLearner:
         per_rank = max(1, g.prompts_per_step // self.acc.num_processes)
         with timer("prepare"):
             idx = self.sampler.next(math.ceil(per_rank * g.oversample))
-            prompts = [prepare_prompt(self.examples[i], self.task, self.processor, prompt=cfg.data.train_prompt,
-                                      system=cfg.data.system_prompt, min_pixels=cfg.model.min_pixels,
-                                      max_pixels=cfg.model.max_pixels) for i in idx]
+            prompts = prepare_prompts([self.examples[i] for i in idx], self.task, self.processor,
+                                      prompt=cfg.data.train_prompt, system=cfg.data.system_prompt,
+                                      min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
         with timer("generate"):
             self.ensure_server_synced()
             rollouts = self.generate(prompts)

@@ -74,21 +74,42 @@ def stage_sft(cfg: RunConfig, task, examples: list[Example], out: Path) -> str:
     return str(run_sft(cfg, examples, task, out))
 
 
-def _start_server(cfg: RunConfig, model_path: str, out: Path):
-    """A local rollout server on the given weights, unless server.url points at a running one."""
-    from vllm_server.client import RolloutClient, start_local_server
+def _start_server(cfg: RunConfig, model_path: str, out: Path, early=None):
+    """A local rollout server on the given weights, unless server.url points at a running one.
+
+    `early` is a server spawned by `_spawn_server_during_sft` on the base weights: it is waited for and handed
+    `model_path`'s weights instead of starting another."""
+    from vllm_server.client import RolloutClient, start_local_server, wait_local_server
 
     if cfg.server.url:
         client = RolloutClient(cfg.server.url, token=os.environ.get("SUZAK_SERVER_TOKEN"),
                                timeout=cfg.server.request_timeout_s)
         client.wait_ready(cfg.server.startup_timeout_s)
         return None, client
+    if early is not None:
+        process, url = early
+        wait_local_server(process, url, cfg.server.startup_timeout_s, out / "server.log")
+        client = RolloutClient(url, timeout=cfg.server.request_timeout_s)
+        _log(f"server: loading {model_path} into the server started during SFT")
+        _ensure_server_has(client, cfg, Path(model_path), version=0)
+        return process, client
     server_cfg = cfg.model_copy(deep=True)
     server_cfg.model.name_or_path = model_path
     _log(f"server: starting a local {cfg.server.engine} server on {model_path} (log: {out / 'server.log'})")
     process, url = start_local_server(server_cfg, out / "server.log")
     client = RolloutClient(url, timeout=cfg.server.request_timeout_s)
     return process, client
+
+
+def _spawn_server_during_sft(cfg: RunConfig, stages: list[str], out: Path):
+    """server.start_during_sft: spawn the local server on the base weights now, so that its start-up overlaps SFT."""
+    sft_will_run = cfg.sft.enabled and "sft" in stages and not (out / "sft" / "final" / "config.json").exists()
+    if not (cfg.server.start_during_sft and cfg.server.url is None and sft_will_run and "grpo" in stages):
+        return None
+    from vllm_server.client import spawn_local_server
+
+    _log(f"server: starting a local {cfg.server.engine} server during SFT (log: {out / 'server.log'})")
+    return spawn_local_server(cfg, out / "server.log")
 
 
 def _eval_sets(cfg: RunConfig) -> dict[str, list[Example]]:
@@ -129,14 +150,16 @@ def evaluate_sets(cfg: RunConfig, client, label: str, out: Path, sets: dict[str,
     return accs
 
 
-def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, out: Path, want_eval: bool):
-    """Start the server on the SFT weights, evaluate them, run GRPO, evaluate again, export."""
+def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, out: Path, want_eval: bool,
+               early_server=None):
+    """Start the server on the SFT weights (or load them into `early_server`), evaluate them, run GRPO, evaluate
+    again, export."""
     from trainer.grpo import GRPOLearner
     from trainer.monitor import Monitor
 
     final = out / "grpo" / "final"
     sets = _eval_sets(cfg) if want_eval else {}
-    process, client = _start_server(cfg, model_path, out)
+    process, client = _start_server(cfg, model_path, out, early_server)
     results = {}
     try:
         if want_eval:
@@ -165,8 +188,9 @@ def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, o
     return results
 
 
-def _ensure_server_has(client, cfg: RunConfig, folder: Path) -> None:
-    """On a resumed run whose GRPO finished, load the exported GRPO weights into the fresh server for its eval."""
+def _ensure_server_has(client, cfg: RunConfig, folder: Path, version: int | None = None) -> None:
+    """Load a checkpoint folder's weights into the running server (files transport), as `version` (default: the
+    server's next): the exported GRPO weights on a resumed run, or the SFT weights for a server started during SFT."""
     from vllm_server.client import files_transport
 
     transport = files_transport(folder.parent / "push")
@@ -176,7 +200,7 @@ def _ensure_server_has(client, cfg: RunConfig, folder: Path) -> None:
     tensors = {}
     for shard in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(shard))
-    transport.push(tensors.items(), version=client.info().policy_version + 1)
+    transport.push(tensors.items(), version=client.info().policy_version + 1 if version is None else version)
 
 
 def _thumbnail(example: Example, size: int = 200) -> str:
@@ -216,14 +240,22 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
     model_path = stage_model(cfg)
     cfg = cfg.model_copy(deep=True)
     cfg.model.name_or_path = model_path
-    examples = stage_data(cfg, out) if {"data", "sft", "grpo"} & set(stages) else []
-    sft_path = stage_sft(cfg, task, examples, out) if "sft" in stages else str(out / "sft" / "final")
+    early_server = _spawn_server_during_sft(cfg, stages, out)
+    try:
+        examples = stage_data(cfg, out) if {"data", "sft", "grpo"} & set(stages) else []
+        sft_path = stage_sft(cfg, task, examples, out) if "sft" in stages else str(out / "sft" / "final")
+    except BaseException:
+        if early_server is not None:
+            from vllm_server.client import stop_local_server
+
+            stop_local_server(early_server[0])
+        raise
     if not Path(sft_path).exists():
         sft_path = model_path
     results = {}
     if "grpo" in stages or "eval" in stages:
-        results = stage_grpo(cfg, task, examples, sft_path, out, want_eval="eval" in stages) if "grpo" in stages \
-            else _eval_only(cfg, sft_path, out)
+        results = stage_grpo(cfg, task, examples, sft_path, out, want_eval="eval" in stages,
+                             early_server=early_server) if "grpo" in stages else _eval_only(cfg, sft_path, out)
     summary = {**results, "seed": cfg.seed, "seconds": round(time.time() - started, 1)}
     _write_json(out / "summary.json", summary)
     from trainer.report import print_table, write_report

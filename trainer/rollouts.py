@@ -62,6 +62,18 @@ def prepare_prompt(example: Example, task: Task, processor, *, prompt: str, syst
                           None if mm_types is None else mm_types[0].tolist())
 
 
+def prepare_prompts(examples: list[Example], task: Task, processor, **kw) -> list[PreparedPrompt]:
+    """prepare_prompt for each example, on one intra-op thread: the processor's ops are on arrays of a few hundred
+    KB, where waking a thread pool costs more than the work (and on a host shared with a CPU rollout server, whose
+    threads hold the other cores, each op waited a scheduler slice: 0.55 s for 16 prompts instead of 0.09 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [prepare_prompt(example, task, processor, **kw) for example in examples]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _to_hf_message(message: dict) -> dict:
     content = message["content"]
     if isinstance(content, str):

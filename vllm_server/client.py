@@ -250,6 +250,13 @@ def start_local_server(cfg: RunConfig, log_path: str | Path, *, env: dict | None
     Returns (process, url). The caller stops it (process.terminate()); the server's output goes to log_path, and
     its resolved config to server_config.yaml beside it.
     """
+    process, url = spawn_local_server(cfg, log_path, env=env)
+    wait_local_server(process, url, timeout_s or cfg.server.startup_timeout_s, log_path)
+    return process, url
+
+
+def spawn_local_server(cfg: RunConfig, log_path: str | Path, *, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Spawn the server as start_local_server does, without waiting for it (see wait_local_server)."""
     from suzak.config import save_config
 
     log_path = Path(log_path)
@@ -263,17 +270,20 @@ def start_local_server(cfg: RunConfig, log_path: str | Path, *, env: dict | None
         # Its own process group, so stopping it also stops vLLM's engine/worker children even mid-start.
         process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                    start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_local_server(process: subprocess.Popen, url: str, timeout_s: float, log_path: str | Path) -> None:
+    """Wait until a spawned server answers; on failure or Ctrl-C it is stopped and the error names its log."""
     client = RolloutClient(url, timeout=30.0, retries=0)
     try:
-        client.wait_ready(timeout_s or cfg.server.startup_timeout_s, process=process, log_path=log_path)
+        client.wait_ready(timeout_s, process=process, log_path=Path(log_path))
     except BaseException:
         stop_local_server(process)
         raise
     finally:
         client.close()
     log.info("rollout server ready at %s (pid %d, log %s)", url, process.pid, log_path)
-    return process, url
 
 
 def stop_local_server(process: subprocess.Popen, timeout_s: float = 30.0) -> None:

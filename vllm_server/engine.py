@@ -383,8 +383,21 @@ class VLLMEngine(Engine):
         # LLM_CLASS picks vLLM's batch-throughput defaults (H100: 16384 batched tokens); the engine default
         # chunks prefill at 2048 tokens, which measured 0.67x the offline LLM's throughput on a GRPO batch.
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)
+        self._frontend_single_threaded()
         if on_cuda:
             self.gpu_uuids = self._gpu_uuids(current_platform)
+
+    @staticmethod
+    def _frontend_single_threaded() -> None:
+        """This process only renders prompts (image processing on arrays of a few hundred KB) while the model runs in
+        vLLM's engine-core process; a thread pool here loses to its wake-ups, and on a CPU host it fights the
+        engine's threads for the cores. In-process engines (multiprocessing off) keep their threads."""
+        import vllm.envs as envs
+
+        if envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+            import torch
+
+            torch.set_num_threads(1)
 
     @staticmethod
     def _gpu_uuids(platform) -> list[str]:

@@ -41,6 +41,7 @@ def test_default_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert (out / "sft" / "final" / "config.json").exists()  # stage 3: SFT export
     assert (out / "sft_metrics.jsonl").read_text().count("\n") == 6
     assert (out / "server.log").exists()  # stage 4: a local rollout server ran
+    assert "into the server started during SFT" in first.stdout  # the default starts it while SFT runs
     grpo_lines = [json.loads(x) for x in (out / "grpo_metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in grpo_lines] == [1, 2] and grpo_lines[-1]["policy_version"] == 2  # stage 5
     assert (out / "grpo" / "final" / "config.json").exists()
@@ -59,3 +60,15 @@ def test_default_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert "sft: done earlier" in again.stdout
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["sft"] == summary["sft"] and resumed["grpo"] == summary["grpo"]
+
+    # The server started during SFT held the SFT weights when it scored them: a server started on the SFT folder
+    # itself (the resumed run's path) gives the same greedy answers, where the base weights would not.
+    first_records = {split: json.loads((out / "eval" / f"sft_{split}.json").read_text()) for split in ("A", "B")}
+    for split in ("A", "B"):
+        (out / "eval" / f"sft_{split}.json").unlink()
+    third = _train(out, home)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "into the server started during SFT" not in third.stdout
+    for split in ("A", "B"):
+        rescored = json.loads((out / "eval" / f"sft_{split}.json").read_text())
+        assert rescored["records"] == first_records[split]["records"]
