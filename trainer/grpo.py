@@ -251,6 +251,7 @@ class GRPOLearner:
         self.pad_id = self._pad_id()
         self.vision_ids = vision_token_ids(self.policy.model.config)
         self.sampler = PromptSampler(len(examples), cfg.seed, self.acc.process_index, self.acc.num_processes)
+        self._prefetched: tuple[dict, list[PreparedPrompt]] | None = None  # (sampler state before, prompts)
         self.ckpt = CheckpointManager(self.out_dir, cfg.checkpoint.keep_last, accelerator=self.acc)
         self.reward_fns = task.reward_functions(g.reward_mode)
         self.step_index, self.policy_version = 0, 0
@@ -340,6 +341,33 @@ class GRPOLearner:
                                seed=self.cfg.seed * 1_000_003 + self.step_index * 1009 + self.acc.process_index)
         response = self.client.generate(req)
         return collect_rollouts(prompts, response, vision_token_ids=self.vision_ids)
+
+    def _draw_and_prepare(self, count: int) -> list[PreparedPrompt]:
+        cfg = self.cfg
+        idx = self.sampler.next(count)
+        return prepare_prompts([self.examples[i] for i in idx], self.task, self.processor,
+                               prompt=cfg.data.train_prompt, system=cfg.data.system_prompt,
+                               min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+
+    def _take_prompts(self, count: int) -> list[PreparedPrompt]:
+        """This step's prompts: the ones prepared during the last step's generation, else drawn and prepared now."""
+        if self._prefetched is not None:
+            prompts, self._prefetched = self._prefetched[1], None
+            return prompts
+        return self._draw_and_prepare(count)
+
+    def _generate_and_prefetch(self, prompts: list[PreparedPrompt], count: int) -> list[Rollout]:
+        """Generate in a worker thread (it only waits on HTTP) while this thread prepares the next step's prompts,
+        so their image processing (0.09 s a step on the H100 host, 16 prompts) hides behind the server's work.
+        The sampler state from before that draw is what a checkpoint saves, so a resumed run redraws them."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.generate, prompts)
+            if self.step_index + 1 < self.cfg.grpo.steps:
+                state = self.sampler.state_dict()
+                self._prefetched = (state, self._draw_and_prepare(count))
+            return pending.result()
 
     def score(self, rollouts: list[Rollout], prompts: list[PreparedPrompt]) -> dict[str, float]:
         """Weighted sum of the task's reward functions; each function's mean is logged."""
@@ -440,14 +468,12 @@ class GRPOLearner:
         cfg, g = self.cfg, self.cfg.grpo
         timer = Timer()
         per_rank = max(1, g.prompts_per_step // self.acc.num_processes)
+        count = math.ceil(per_rank * g.oversample)
         with timer("prepare"):
-            idx = self.sampler.next(math.ceil(per_rank * g.oversample))
-            prompts = prepare_prompts([self.examples[i] for i in idx], self.task, self.processor,
-                                      prompt=cfg.data.train_prompt, system=cfg.data.system_prompt,
-                                      min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+            prompts = self._take_prompts(count)
         with timer("generate"):
             self.ensure_server_synced()
-            rollouts = self.generate(prompts)
+            rollouts = self._generate_and_prefetch(prompts, count)
         with timer("reward"):
             metrics = self.score(rollouts, prompts)
             if len(prompts) > per_rank:
@@ -475,7 +501,8 @@ class GRPOLearner:
     # ------------------------------------------------------------------ run / resume
 
     def save(self) -> Path:
-        extra = {"step": self.step_index, "policy_version": self.policy_version, "sampler": self.sampler.state_dict()}
+        sampler = self._prefetched[0] if self._prefetched is not None else self.sampler.state_dict()
+        extra = {"step": self.step_index, "policy_version": self.policy_version, "sampler": sampler}
         return self.ckpt.save(self.step_index, self.wrapped, self.optimizer, self.scheduler, extra)
 
     def resume(self) -> bool:
@@ -485,6 +512,7 @@ class GRPOLearner:
         extra = self.ckpt.load(latest, self.wrapped, self.optimizer, self.scheduler)
         self.step_index, self.policy_version = extra["step"], extra["policy_version"]
         self.sampler.load_state_dict(extra["sampler"])
+        self._prefetched = None
         print(f"resumed GRPO from {latest} (step {self.step_index}, policy version {self.policy_version})")
         return True
 
