@@ -232,9 +232,10 @@ class ServerConfig(Section):
     """TCP port of the NCCL weight-transfer rendezvous."""
     bucket_mb: int = Field(1024, ge=1)
     """Bucket size for packed weight pushes, in MiB."""
-    start_during_sft: bool = False
+    start_during_sft: bool | Literal["auto"] = False
     """Start the pipeline's local rollout server when SFT starts, on the base weights, and hand it the SFT weights
-    when SFT ends: its start-up then overlaps SFT. Costs the server's memory (gpu_memory_utilization) during SFT."""
+    when SFT ends: its start-up then overlaps SFT. Costs the server's memory (gpu_memory_utilization) during SFT.
+    auto: only when a GPU is visible; on a CPU host the server's start-up and SFT compete for the same cores."""
     sleep_during_update: bool = False
     """Put the server to sleep (free its GPU memory) while the learner runs its update."""
     startup_timeout_s: float = Field(600.0, gt=0)

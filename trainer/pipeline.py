@@ -104,7 +104,12 @@ def _start_server(cfg: RunConfig, model_path: str, out: Path, early=None):
 def _spawn_server_during_sft(cfg: RunConfig, stages: list[str], out: Path):
     """server.start_during_sft: spawn the local server on the base weights now, so that its start-up overlaps SFT."""
     sft_will_run = cfg.sft.enabled and "sft" in stages and not (out / "sft" / "final" / "config.json").exists()
-    if not (cfg.server.start_during_sft and cfg.server.url is None and sft_will_run and "grpo" in stages):
+    wanted = cfg.server.start_during_sft
+    if wanted == "auto":
+        import torch
+
+        wanted = torch.cuda.is_available()
+    if not (wanted and cfg.server.url is None and sft_will_run and "grpo" in stages):
         return None
     from vllm_server.client import spawn_local_server
 
