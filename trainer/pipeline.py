@@ -23,8 +23,11 @@ from suzak.tasks import Example, get_task
 STAGES = ("model", "data", "sft", "grpo", "eval")
 
 
+_STARTED = time.time()
+
+
 def _log(msg: str) -> None:
-    print(f"[suzak] {msg}", flush=True)
+    print(f"[suzak {time.time() - _STARTED:6.1f}s] {msg}", flush=True)
 
 
 def _write_json(path: Path, data) -> None:
@@ -237,6 +240,8 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
     if bad:
         raise SuzakError(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
     out = Path(cfg.out_dir)
+    global _STARTED
+    _STARTED = time.time()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     _log(f"output folder: {out.resolve()}")

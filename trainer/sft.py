@@ -192,12 +192,14 @@ class SFTStepper:
 
     def step(self, position: int) -> dict[str, float]:
         from trainer.distributed import all_reduce_sum, micro_batch_context
+        from trainer.rollouts import one_intra_op_thread
 
         acc, cfg = self.acc, self.cfg
         start = time.perf_counter()
-        batches = [self.collator([self.examples[i] for i in micro_batch_indices(
-            self.stream, position, m, acc.process_index, acc.num_processes, cfg.batch_size)])
-            for m in range(cfg.grad_accum)]
+        with one_intra_op_thread():
+            batches = [self.collator([self.examples[i] for i in micro_batch_indices(
+                self.stream, position, m, acc.process_index, acc.num_processes, cfg.batch_size)])
+                for m in range(cfg.grad_accum)]
         local_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         global_labels = all_reduce_sum(local_labels)
         if global_labels == 0:
