@@ -218,9 +218,9 @@ def learner_cpu_threads(cfg: RunConfig) -> int:
     """grpo.cpu_threads, or half the cores beside a local rollout server (see the field's docstring), or all."""
     import os
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cfg.grpo.cpu_threads:
         return cfg.grpo.cpu_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // 2) if cfg.server.url is None else cores
 
 

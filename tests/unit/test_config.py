@@ -88,3 +88,14 @@ def test_cli_config_error_exit_code():
     r = subprocess.run([sys.executable, "-m", "suzak", "config", "grpo.bogus=1"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "unknown config key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_learner_cpu_threads_leave_half_the_cores_to_a_local_server(monkeypatch):
+    import os
+
+    from trainer.grpo import learner_cpu_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert learner_cpu_threads(load_config(None, [])) == 4  # the pipeline starts the server on this host
+    assert learner_cpu_threads(load_config(None, ["server.url=http://gpu-box:8000"])) == 8
+    assert learner_cpu_threads(load_config(None, ["grpo.cpu_threads=3"])) == 3
