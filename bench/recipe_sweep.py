@@ -69,19 +69,16 @@ def launch(name: str, overrides: list[str], out: Path, threads: int) -> subproce
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "suzak", "train", "--out", str(out / name),
            "logging.progress=false", *overrides]
-    log = open(out / f"{name}.log", "w")
     print(f"[sweep] {name}: {' '.join(cmd[3:])}", flush=True)
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    with open(out / f"{name}.log", "w") as log:  # the child keeps its own handle
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=Path(__file__).resolve().parents[1])
 
 
 def collect(name: str, overrides: list[str], folder: Path, returncode: int | None, seconds: float) -> dict:
     """One run's record: summary, held-out curve during GRPO and a coarse train-accuracy trace."""
+    from trainer.report import read_jsonl
+
     summary_path = folder / "summary.json"
     metrics = read_jsonl(folder / "grpo_metrics.jsonl")
     curve = [{"step": m.get("step"), "A": m["eval/A"], "B": m["eval/B"]} for m in metrics if "eval/A" in m]

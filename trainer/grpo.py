@@ -188,7 +188,8 @@ def keep_informative_groups(rollouts: list[Rollout], prompts: list[PreparedPromp
     for r in rollouts:
         groups.setdefault(r.prompt_index, []).append(r)
     informative = [p for p, rs in groups.items() if max(r.reward for r in rs) - min(r.reward for r in rs) > 1e-6]
-    rest = [p for p in groups if p not in set(informative)]
+    chosen = set(informative)
+    rest = [p for p in groups if p not in chosen]
     kept = (informative + rest)[:count]
     new_index = {p: i for i, p in enumerate(kept)}
     kept_rollouts = []

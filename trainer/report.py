@@ -44,7 +44,8 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics JSONL file (none when it does not exist yet)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -76,8 +77,8 @@ def _curves_png(out: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grpo = _read_jsonl(out / "grpo_metrics.jsonl")
-    sft = _read_jsonl(out / "sft_metrics.jsonl")
+    grpo = read_jsonl(out / "grpo_metrics.jsonl")
+    sft = read_jsonl(out / "sft_metrics.jsonl")
     if not grpo and not sft:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
