@@ -16,8 +16,8 @@ tokens (fixed: ignore_eos), random rewards. What runs is what `suzak train` runs
 - the learner's phase timer synchronises CUDA at phase edges, so queued GPU work is charged to its own phase.
 
 Training setting (--train): lora (LoRA on the language model, vision frozen, gradient checkpointing), full
-(everything trained, gradient checkpointing) or frozen_vision (full language model + merger). auto: 7b -> lora
-(full 7B fine-tuning with fp32 Adam does not fit beside the server on 80 GB); otherwise the first of full,
+(everything trained, gradient checkpointing; the optimizer moves to host RAM when the card is too small, and the
+server sleeps through the update) or frozen_vision (full language model + merger). auto: the first of full,
 frozen_vision, lora whose trainer.model_setup.estimate_memory fits the card. `--set key=value ...` overrides
 any config key last (suzak's dotted syntax), `--config` starts from a YAML recipe.
 
@@ -94,9 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train_overrides(mode: str) -> list[str]:
     """Config keys of a training setting (gradient checkpointing always: activations of 1k-token rows)."""
     common = ["model.gradient_checkpointing=true"]
+    # Full-parameter settings hold the optimizer in host RAM when the card is too small (optim.offload auto);
+    # the server then sleeps through the update so that the learner's gradients and activations fit.
+    full = ["model.lora.enabled=false", "server.sleep_during_update=true"]
     return common + {
-        "full": ["model.lora.enabled=false", "model.freeze_vision=false"],
-        "frozen_vision": ["model.lora.enabled=false", "model.freeze_vision=true"],
+        "full": full + ["model.freeze_vision=false"],
+        "frozen_vision": full + ["model.freeze_vision=true"],
         "lora": ["model.lora.enabled=true", "model.freeze_vision=true"],
     }[mode]
 
@@ -127,12 +130,7 @@ def choose_training(args, base: list[str], device_total: float | None) -> tuple[
     from suzak.config import load_config
     from trainer.model_setup import count_parameters, estimate_memory
 
-    if args.train != "auto":
-        candidates = [args.train]
-    elif args.arch == "7b":
-        candidates = ["lora"]
-    else:
-        candidates = ["full", "frozen_vision", "lora"]
+    candidates = [args.train] if args.train != "auto" else ["full", "frozen_vision", "lora"]
     estimates = {}
     for mode in candidates:
         cfg = load_config(args.config, base + train_overrides(mode) + args.overrides)
@@ -310,6 +308,15 @@ def _process_tree(root: int) -> set[int]:
     return tree
 
 
+def _host_used_mib() -> float:
+    """MemTotal - MemAvailable of the host, MiB (the offloaded optimizer's share shows here)."""
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        info[key] = int(value.split()[0])
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+
+
 def _nvidia_smi(*query: str) -> list[list[str]]:
     out = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
                          timeout=20, check=True).stdout
@@ -341,8 +348,8 @@ class GpuMemorySampler:
         tree = _process_tree(self.server_pid)
         used = sum(float(row[0]) for row in _nvidia_smi("--query-gpu=memory.used"))
         now = {"server": sum(m for p, m in apps.items() if p in tree), "learner": apps.get(os.getpid(), 0.0),
-               "gpu_used": used}
-        self.peak = {k: max(self.peak[k], v) for k, v in now.items()}
+               "gpu_used": used, "host_used": _host_used_mib()}
+        self.peak = {k: max(self.peak.get(k, 0.0), v) for k, v in now.items()}
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -355,7 +362,8 @@ class GpuMemorySampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
-        out = {f"{k}_nvidia_smi_gib": round(v / 1024, 2) for k, v in self.peak.items()}
+        out = {(f"{k}_gib" if k.startswith("host") else f"{k}_nvidia_smi_gib"): round(v / 1024, 2)
+               for k, v in self.peak.items()}
         if self.error:
             out["nvidia_smi_error"] = self.error
         elif not self.peak["server"]:
@@ -459,6 +467,8 @@ def time_steps(args, learner, client, *, warmup: int | None = None, steps: int |
         metrics = learner.step()
         _cuda_sync()
         record = _step_record(metrics, time.perf_counter() - start, client.last_tokens, learner.logprob_seconds)
+        if getattr(learner.optimizer, "last_step_s", None) is not None:
+            record["phases_s"]["host_optimizer"] = round(learner.optimizer.last_step_s, 3)  # inside "update"
         record["warmup"] = i < warmup
         record["share_prompt"] = learner.share_prompt
         records.append(record)
@@ -541,6 +551,7 @@ def _learner_part(args, ctx, task, examples, process, url, startup) -> dict:
             learner.share_prompt = False  # the baseline: one row per rollout
             records += time_steps(args, learner, client, warmup=0, steps=args.compare_unshared)
         params = model_params(learner.policy.model)
+        ctx["offload"] = learner.cfg.grpo.optim.offload  # as resolved for this card (auto -> cpu or gpu)
     finally:
         memory = sampler.stop() if sampler is not None else {}
         client.close()
@@ -616,6 +627,8 @@ def build_result(args, ctx, records, params, shape, memory, startup, push) -> di
         setting={"lora": m.lora.enabled, "gradient_checkpointing": m.gradient_checkpointing,
                  "freeze_vision": m.freeze_vision, "beta": g.beta, "loss_type": g.loss_type,
                  "micro_batch_tokens": g.micro_batch_tokens, "optimizer": g.optim.optimizer,
+                 "optimizer_offload": ctx.get("offload"), "sleep_during_update": s.sleep_during_update,
+                 "sleep_level": s.sleep_level,
                  "share_prompt": g.share_prompt,
                  "transport": s.transport, "gpu_memory_utilization": s.gpu_memory_utilization,
                  "max_num_seqs": s.max_num_seqs, "enable_prefix_caching": s.enable_prefix_caching,

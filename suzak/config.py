@@ -124,6 +124,11 @@ class OptimConfig(Section):
     """Optimizer. adamw keeps fp32 master state; adamw_8bit needs bitsandbytes (CUDA)."""
     master_weights_fp32: bool = True
     """Keep fp32 master weights when the model runs in bf16 (plain bf16 loses updates at lr 1e-6)."""
+    offload: Literal["auto", "gpu", "cpu"] = "auto"
+    """Where full-parameter training keeps its fp32 master weights and AdamW moments. cpu: in host RAM (12 bytes a
+    trainable parameter), with bf16 weights and grads on the GPU and the step streamed through the host
+    (trainer/offload.py). gpu: on the GPU (fp32 parameters under bf16 autocast). auto: cpu when the GPU-resident
+    layout does not fit the card (one process, CUDA, no LoRA, no DeepSpeed/FSDP strategy), else gpu."""
 
 
 class SFTConfig(Section):
@@ -238,6 +243,9 @@ class ServerConfig(Section):
     auto: only when a GPU is visible; on a CPU host the server's start-up and SFT compete for the same cores."""
     sleep_during_update: bool = False
     """Put the server to sleep (free its GPU memory) while the learner runs its update."""
+    sleep_level: Literal[1, 2] = 2
+    """vLLM sleep level for sleep_during_update. 2 drops the served weights as well as the KV cache (every step
+    pushes fresh weights after the update anyway); 1 moves the weights to host RAM and back."""
     startup_timeout_s: float = Field(600.0, gt=0)
     """How long the learner waits for a local server to become ready."""
     request_timeout_s: float = Field(1800.0, gt=0)

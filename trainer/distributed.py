@@ -67,6 +67,9 @@ def resolve_precision(model_cfg, optim_cfg, device_type: str) -> Precision:
     if device_type != "cuda":
         # CPU autocast in bf16 is slow and inexact; low-precision weights on CPU are only used when asked for.
         return Precision(compute, None)
+    if optim_cfg.offload == "cpu" and optim_cfg.master_weights_fp32 and not model_cfg.lora.enabled:
+        # The fp32 masters live in the host optimizer (trainer/offload.py); the model itself runs in 16 bits.
+        return Precision(compute, None)
     if optim_cfg.master_weights_fp32:
         return Precision(torch.float32, compute)
     return Precision(compute, None)

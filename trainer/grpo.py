@@ -15,7 +15,7 @@ import inspect
 import math
 import random
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -232,8 +232,9 @@ class GRPOLearner:
                  eval_hook=None):
         from trainer.checkpoint import CheckpointManager
         from trainer.distributed import make_accelerator
-        from trainer.model_setup import build_optimizer, load_policy
+        from trainer.model_setup import build_optimizer, learner_device, load_policy, prepare_for_training, resolve_offload
 
+        cfg = resolve_offload(cfg, "grpo", learner_device())  # optim.offload auto -> cpu or off, before accelerate
         self.cfg, self.task, self.examples, self.client = cfg, task, examples, client
         self.out_dir = Path(out_dir)
         self.eval_hook = eval_hook
@@ -244,8 +245,9 @@ class GRPOLearner:
             torch.set_num_threads(learner_cpu_threads(cfg))
         self.policy = load_policy(cfg, self.device)
         g = cfg.grpo
-        optimizer, scheduler = build_optimizer(self.policy.model, g.optim, g.steps * g.num_iterations * g.mini_batches)
-        self.wrapped, self.optimizer = self.acc.prepare(PolicyLogps(self.policy.model), optimizer)
+        optimizer, scheduler = build_optimizer(self.policy.model, g.optim, g.steps * g.num_iterations * g.mini_batches,
+                                               offload=self.policy.offload)
+        self.wrapped, self.optimizer = prepare_for_training(self.acc, PolicyLogps(self.policy.model), optimizer)
         self.model = self.wrapped  # what gradients, clipping and checkpoints go through
         self.scheduler = scheduler
         self.processor = self.policy.processor
@@ -323,7 +325,7 @@ class GRPOLearner:
         if self.cfg.server.sleep_during_update and self.acc.is_main_process:
             info = self.client.info()
             if info.can_sleep:
-                self.client.sleep(level=1)
+                self.client.sleep(level=self.cfg.server.sleep_level)
                 asleep = True
         try:
             yield
@@ -404,13 +406,11 @@ class GRPOLearner:
     def _frozen_logps(self, batches: list[MicroBatch], reference: bool) -> list[torch.Tensor]:
         """Log-probs under the current (old) policy, or under the reference (LoRA: adapters off)."""
         out = []
-        for mb in batches:
-            with self.acc.autocast():
-                if reference:
-                    with self.policy.reference() as ref:
-                        out.append(completion_logps(ref, mb, self.cfg.grpo.temperature, self.device))
-                else:
-                    out.append(completion_logps(self.hf_model, mb, self.cfg.grpo.temperature, self.device))
+        # One swap for all micro-batches: a host-RAM reference is copied into the policy's weights and back.
+        with self.policy.reference() if reference else nullcontext(self.hf_model) as model:
+            for mb in batches:
+                with self.acc.autocast():
+                    out.append(completion_logps(model, mb, self.cfg.grpo.temperature, self.device))
         return out
 
     def update(self, rollouts: list[Rollout], prompts: list[PreparedPrompt]) -> dict[str, float]:

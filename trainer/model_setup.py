@@ -28,6 +28,7 @@ import torch
 
 from suzak.errors import SuzakError
 from trainer.distributed import Precision, resolve_precision, strategy
+from trainer.offload import DEFAULT_BUCKET_BYTES, HostAdamW, HostReference, host_bytes_needed, host_memory_available
 
 GiB = 1024**3
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -50,6 +51,9 @@ KNOWN_ARCHS["Qwen/Qwen2.5-VL-3B"] = KNOWN_ARCHS["Qwen/Qwen2.5-VL-3B-Instruct"]
 KNOWN_ARCHS["Qwen/Qwen2.5-VL-7B"] = KNOWN_ARCHS["Qwen/Qwen2.5-VL-7B-Instruct"]
 
 SKIP_CHECK_ENV = "SUZAK_SKIP_MEMORY_CHECK"
+# What an asleep (level 2) vLLM server keeps on the card: CUDA context, graph pools, NCCL/compile buffers.
+SERVER_ASLEEP_BYTES = 2.0 * GiB
+OFFLOAD_STAGING_BYTES = DEFAULT_BUCKET_BYTES  # trainer/offload.py streams the step in buckets of this size
 
 
 # ============================================================================ parameter counts
@@ -134,11 +138,21 @@ class MemoryEstimate:
     overhead: float
     device_total: float | None = None
     notes: list[str] = field(default_factory=list)
+    generation: float = 0.0
+    """Card bytes while the server generates, when it sleeps during the update (0: counted in the sum)."""
+    host: float = 0.0
+    """Host RAM of an offloaded optimizer and reference."""
+
+    @property
+    def update(self) -> float:
+        """Card bytes during the learner's update (the server asleep, or its full share)."""
+        return (self.weights + self.grads + self.optimizer + self.autocast_copies + self.reference
+                + self.activations + self.server + self.overhead)
 
     @property
     def total(self) -> float:
-        return (self.weights + self.grads + self.optimizer + self.autocast_copies + self.reference
-                + self.activations + self.server + self.overhead)
+        """The peak: the larger of the update and the generation phase."""
+        return max(self.update, self.generation)
 
     @property
     def fits(self) -> bool:
@@ -151,7 +165,12 @@ class MemoryEstimate:
                 ("CUDA context + fragmentation", self.overhead)]
         lines = [f"  {name:<31}{value / GiB:8.1f} GiB" for name, value in rows if value]
         cap = f" of {self.device_total / GiB:.1f} GiB" if self.device_total else ""
-        lines.append(f"  {'total':<31}{self.total / GiB:8.1f} GiB{cap}")
+        if self.generation:
+            lines.append(f"  {'= during the update':<31}{self.update / GiB:8.1f} GiB")
+            lines.append(f"  {'while the server generates':<31}{self.generation / GiB:8.1f} GiB")
+        lines.append(f"  {'total (peak)':<31}{self.total / GiB:8.1f} GiB{cap}")
+        if self.host:
+            lines.append(f"  {'host RAM (optimizer, reference)':<31}{self.host / GiB:8.1f} GiB")
         head = f"{self.params / 1e9:.2f}B parameters, {self.trainable / 1e9:.3f}B trainable"
         return "\n".join([head, *lines, *(f"  note: {n}" for n in self.notes)])
 
@@ -220,6 +239,9 @@ def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: 
     counts = _counts(cfg, num_params)
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     name = strategy_name or strategy()
+    host_optim = offloads(cfg, stage, "cuda", world, name, device_total_bytes, counts)
+    if host_optim:
+        cfg = with_offload(cfg, stage, "cpu")
     optim = _stage_optim(cfg, stage)
     precision = resolve_precision(cfg.model, optim, "cuda")
     compute = _BYTES[precision.compute_dtype]
@@ -244,6 +266,14 @@ def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: 
         master = 4 if precision.autocast_dtype is not None else 0
         optimizer = trainable * (master + (2 if optim.optimizer == "adamw_8bit" else 8))
         autocast_copies = 0.0
+    elif host_optim:
+        # trainer/offload.py: 16-bit weights and grads on the card, fp32 masters + moments in host RAM.
+        weights = counts.total * compute
+        grads = trainable * compute
+        optimizer = 2 * OFFLOAD_STAGING_BYTES  # the streamed step's pinned buckets in flight on the card side
+        autocast_copies = 0.0
+        notes.append(f"fp32 master weights and AdamW moments in host RAM: {trainable * 12 / GiB:.0f} GiB "
+                     f"(grpo/sft.optim.offload)")
     else:
         pbytes = _BYTES[precision.param_dtype]
         weights = counts.total * pbytes
@@ -267,19 +297,88 @@ def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: 
             weights, grads = weights * 0.1, grads * 0.1
 
     reference = 0.0
+    host_reference = stage == "grpo" and cfg.grpo.beta > 0 and host_optim
     if stage == "grpo" and cfg.grpo.beta > 0 and not lora:
         reference = counts.total * compute / (world if stage_no >= 3 else 1)
     activations = _activation_bytes(cfg, stage, counts, trainable)
-    server = 0.0
+    if host_reference:
+        # The reference lives in host RAM; its pass stashes the trainable weights on the card, before any grads
+        # or activations exist, so it only counts where it exceeds them.
+        reference = max(0.0, trainable * compute - grads - activations)
+        notes.append(f"reference weights in host RAM: {trainable * compute / GiB:.0f} GiB")
+    server, server_awake = 0.0, 0.0
     if stage == "grpo" and cfg.server.url is None and cfg.server.engine == "vllm" and device_total_bytes:
-        server = cfg.server.gpu_memory_utilization * device_total_bytes
+        server = server_awake = cfg.server.gpu_memory_utilization * device_total_bytes
+        if cfg.server.sleep_during_update:
+            server = SERVER_ASLEEP_BYTES
+            notes.append("the server sleeps during the update (server.sleep_during_update)")
         notes.append(f"the local vLLM server takes server.gpu_memory_utilization={cfg.server.gpu_memory_utilization} "
-                     "of the card (set server.url to run it on another GPU)")
+                     "of the card while it generates (set server.url to run it on another GPU)")
     body = weights + grads + optimizer + autocast_copies + reference + activations
     overhead = 1.5 * GiB + 0.05 * body
+    # While the server generates, the learner holds its weights and optimizer state, no grads or activations.
+    resident = weights + (0.0 if host_optim else optimizer)
+    generation = resident + (0.0 if host_reference else reference) + server_awake + 1.5 * GiB + 0.05 * resident
     return MemoryEstimate(params=counts.total, trainable=trainable, weights=weights, grads=grads, optimizer=optimizer,
                           autocast_copies=autocast_copies, reference=reference, activations=activations,
-                          server=server, overhead=overhead, device_total=device_total_bytes, notes=notes)
+                          server=server, overhead=overhead, device_total=device_total_bytes, notes=notes,
+                          generation=generation if server_awake and cfg.server.sleep_during_update else 0.0,
+                          host=host_bytes_needed(trainable, trainable if host_reference else 0) if host_optim else 0.0)
+
+
+def with_offload(cfg, stage: str, value: str):
+    """A copy of cfg whose stage optimizer has optim.offload=value."""
+    cfg = cfg.model_copy(deep=True)
+    _stage_optim(cfg, stage).offload = value
+    return cfg
+
+
+def offload_refusal(cfg, stage: str, world: int, strategy_name: str) -> str | None:
+    """Why the host-offloaded optimizer cannot serve this config (None: it can)."""
+    if cfg.model.lora.enabled:
+        return "LoRA trains a few adapters, which need no offload (set optim.offload=gpu)"
+    if not _stage_optim(cfg, stage).master_weights_fp32:
+        return "it keeps fp32 master weights, and optim.master_weights_fp32 is false"
+    if world > 1 or strategy_name not in ("auto", "ddp"):
+        return (f"it runs in one process without a sharding strategy (got {world} processes, "
+                f"SUZAK_STRATEGY={strategy_name}); with several GPUs use SUZAK_STRATEGY=zero2_offload")
+    return None
+
+
+def offloads(cfg, stage: str, device_type: str, world: int = 1, strategy_name: str = "auto",
+             device_total_bytes: float | None = None, counts: ParamCounts | None = None) -> bool:
+    """Whether the stage's optimizer lives in host RAM: optim.offload=cpu, or auto where the GPU layout won't fit."""
+    setting = _stage_optim(cfg, stage).offload
+    if setting == "gpu" or offload_refusal(cfg, stage, world, strategy_name) is not None:
+        return False
+    if setting == "cpu":
+        return True
+    if device_type != "cuda" or device_total_bytes is None:
+        return False
+    resident = estimate_memory(with_offload(cfg, stage, "gpu"), counts, stage=stage, world_size=world,
+                               strategy_name=strategy_name, device_total_bytes=device_total_bytes)
+    return not resident.fits
+
+
+def learner_device() -> torch.device:
+    """The device this learner process will train on (its LOCAL_RANK GPU, or the CPU)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_offload(cfg, stage: str, device) -> object:
+    """cfg with the stage's optim.offload settled to cpu or off for this device (auto decided by the estimate)."""
+    device = torch.device(device)
+    world, name = int(os.environ.get("WORLD_SIZE", "1")), strategy()
+    setting = _stage_optim(cfg, stage).offload
+    refusal = offload_refusal(cfg, stage, world, name)
+    if setting == "cpu" and refusal is not None and not cfg.model.lora.enabled:
+        raise SuzakError(f"{stage}.optim.offload=cpu cannot be used here: {refusal}")
+    if setting == "auto":
+        counts = count_parameters(cfg.model.name_or_path, cfg.model.lora) if device.type == "cuda" else None
+        setting = "cpu" if offloads(cfg, stage, device.type, world, name, _device_total(device), counts) else "gpu"
+    return with_offload(cfg, stage, setting if refusal is None else "gpu")
 
 
 def _counts(cfg, num_params) -> ParamCounts:
@@ -300,6 +399,10 @@ def _knobs(cfg, stage: str) -> list[tuple[str, object]]:
     """(description, how to apply it to a config copy or env) for each memory knob not yet turned."""
     m, optim = cfg.model, _stage_optim(cfg, stage)
     knobs: list[tuple[str, object]] = []
+    if optim.offload != "cpu" and offload_refusal(cfg, stage, int(os.environ.get("WORLD_SIZE", "1")),
+                                                   strategy()) is None:
+        knobs.append((f"{stage}.optim.offload=cpu (fp32 masters and AdamW moments in host RAM, bf16 on the card)",
+                      lambda c: setattr(_stage_optim(c, stage), "offload", "cpu")))
     if not m.lora.enabled:
         knobs.append(("model.lora.enabled=true (train LoRA adapters; no reference copy needed)",
                       lambda c: setattr(c.model.lora, "enabled", True)))
@@ -332,6 +435,7 @@ def check_fits(cfg, device_total_bytes: float, *, num_params=None, stage: str = 
     counts = _counts(cfg, num_params)
     est = estimate_memory(cfg, counts, stage=stage, world_size=world_size, device_total_bytes=device_total_bytes)
     if est.fits:
+        _check_host_fits(cfg, est, stage)
         return est
     lines = []
     for text, apply in _knobs(cfg, stage):
@@ -352,6 +456,20 @@ def check_fits(cfg, device_total_bytes: float, *, num_params=None, stage: str = 
         + "\n".join(lines) + f"\n(The estimate is rough; set {SKIP_CHECK_ENV}=1 to try anyway.)")
 
 
+def _check_host_fits(cfg, est: MemoryEstimate, stage: str, available: float | None = None) -> None:
+    """An offloaded optimizer (and reference) must fit the host's free RAM, or the run stops before loading."""
+    available = host_memory_available() if available is None else available
+    if not est.host or available is None or est.host <= available:
+        return
+    fixes = ["model.freeze_vision=true (fewer trainable parameters)", "model.lora.enabled=true"]
+    if stage == "grpo" and cfg.grpo.beta > 0:
+        fixes.insert(0, "grpo.beta=0 (no reference copy in host RAM)")
+    raise SuzakError(f"the offloaded optimizer of the {stage} learner needs {est.host / GiB:.1f} GiB of host RAM "
+                     f"(fp32 masters + AdamW moments, 12 bytes a trainable parameter, plus the reference) but "
+                     f"{available / GiB:.1f} GiB is available: free memory, or use one of: " + "; ".join(fixes)
+                     + f". (Set {SKIP_CHECK_ENV}=1 to try anyway.)")
+
+
 # ============================================================================ loading
 
 
@@ -365,12 +483,20 @@ class Policy:
     is_lora: bool
     precision: Precision = field(default_factory=lambda: Precision(torch.float32, None))
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    host_reference: HostReference | None = None
+    """Full-parameter training with the optimizer offloaded: the reference's trainable weights in host RAM."""
+    offload: bool = False
+    """The optimizer keeps the fp32 masters in host RAM (build_optimizer makes a HostAdamW)."""
 
     @contextmanager
     def reference(self):
-        """Yields the module whose outputs are the reference model's: the frozen copy, or the policy, adapters off."""
+        """Yields the module whose outputs are the reference model's: the frozen copy, the policy with the
+        reference weights swapped in, or the policy with its adapters off."""
         if self.ref_model is not None:
             yield self.ref_model
+        elif self.host_reference is not None:
+            with self.host_reference.swapped_in(self.model) as model:
+                yield model
         elif self.is_lora:
             with self.model.disable_adapter():
                 yield self.model
@@ -441,7 +567,9 @@ def load_policy(cfg, device, *, stage: str = "grpo") -> Policy:
     from suzak.models import load_model, load_processor, pick_attn_implementation
 
     device = torch.device(device)
+    cfg = resolve_offload(cfg, stage, device)
     optim = _stage_optim(cfg, stage)
+    offload = optim.offload == "cpu"
     m = cfg.model
     precision = resolve_precision(m, optim, device.type)
     if m.lora.enabled and m.freeze_lm:
@@ -476,15 +604,25 @@ def load_policy(cfg, device, *, stage: str = "grpo") -> Policy:
     _check_trainable(model, m)
     model.train()
 
-    ref_model = None
-    if stage == "grpo" and cfg.grpo.beta > 0 and not m.lora.enabled:
+    ref_model, host_reference = None, None
+    if stage == "grpo" and cfg.grpo.beta > 0 and not m.lora.enabled and offload:
+        host_reference = HostReference(model)
+    elif stage == "grpo" and cfg.grpo.beta > 0 and not m.lora.enabled:
         ref_model = load_model(m.name_or_path, dtype=_DTYPE_NAMES[precision.compute_dtype],
                                attn_implementation=attn, device=where)
         ref_model.requires_grad_(False)
         ref_model.eval()
     processor = load_processor(m.name_or_path, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
     return Policy(model=model, processor=processor, ref_model=ref_model, is_lora=m.lora.enabled,
-                  precision=precision, device=device)
+                  precision=precision, device=device, host_reference=host_reference, offload=offload)
+
+
+def prepare_for_training(accelerator, module, optimizer):
+    """accelerator.prepare the module and the optimizer; a HostAdamW stays outside (accelerate would move its
+    host state to the card)."""
+    if isinstance(optimizer, HostAdamW):
+        return accelerator.prepare(module), optimizer
+    return accelerator.prepare(module, optimizer)
 
 
 def trainable_parameter_count(model) -> tuple[int, int]:
@@ -526,11 +664,17 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def build_optimizer(model, optim_cfg, total_steps: int):
-    """AdamW (or bitsandbytes' 8-bit AdamW) over the trainable parameters, and its warm-up + decay scheduler."""
+def build_optimizer(model, optim_cfg, total_steps: int, *, offload: bool = False):
+    """AdamW (host-offloaded, or bitsandbytes' 8-bit) over the trainable parameters, and its warm-up + decay
+    scheduler. offload: Policy.offload (the fp32 masters and moments live in host RAM, trainer/offload.py)."""
     groups = _param_groups(model, optim_cfg.weight_decay)
     kwargs = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=1e-8)
-    if optim_cfg.optimizer == "adamw_8bit":
+    if offload:
+        if optim_cfg.optimizer != "adamw":
+            raise SuzakError(f"optim.offload=cpu runs AdamW with fp32 states on the host; optim.optimizer="
+                             f"{optim_cfg.optimizer} would quantise them: set optim.optimizer=adamw (or offload=gpu)")
+        optimizer = HostAdamW(groups, **kwargs)
+    elif optim_cfg.optimizer == "adamw_8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:

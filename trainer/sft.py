@@ -246,7 +246,7 @@ def run_sft(cfg, examples: list[Example], task: Task, out_dir) -> Path:
     """Train the SFT stage (resuming from out_dir/sft/checkpoints when checkpoint.resume); export out_dir/sft/final."""
     from trainer.checkpoint import CheckpointManager
     from trainer.distributed import make_accelerator
-    from trainer.model_setup import build_optimizer, load_policy
+    from trainer.model_setup import build_optimizer, learner_device, load_policy, prepare_for_training, resolve_offload
     from trainer.monitor import Monitor
 
     if not examples:
@@ -254,11 +254,12 @@ def run_sft(cfg, examples: list[Example], task: Task, out_dir) -> Path:
     out = Path(out_dir)
     stage_dir, final = out / "sft", out / "sft" / "final"
     set_seed(cfg.seed)
+    cfg = resolve_offload(cfg, "sft", learner_device())
     acc = make_accelerator(cfg, cfg.sft.optim)
     total = sft_total_steps(cfg.sft, len(examples), acc.num_processes)
     policy = load_policy(cfg, acc.device, stage="sft")
-    optimizer, scheduler = build_optimizer(policy.model, cfg.sft.optim, total)
-    model, optimizer = acc.prepare(policy.model, optimizer)
+    optimizer, scheduler = build_optimizer(policy.model, cfg.sft.optim, total, offload=policy.offload)
+    model, optimizer = prepare_for_training(acc, policy.model, optimizer)
     # Ranks share the init (same seed) but not dropout masks.
     set_seed(cfg.seed + 7919 * acc.process_index)
 

@@ -96,12 +96,14 @@ def test_parameter_counts_without_weights():
 
 
 def test_check_fits_names_knobs_for_7b_full_finetune():
-    cfg = load_config(None, ["model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct", "server.gpu_memory_utilization=0.5"])
+    cfg = load_config(None, ["model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct", "server.gpu_memory_utilization=0.5",
+                             "grpo.optim.offload=gpu"])
     with pytest.raises(SuzakError) as err:
         check_fits(cfg, 80 * GiB, world_size=1)
     msg = str(err.value)
     for knob in ("model.lora.enabled=true", "SUZAK_STRATEGY=zero2_offload", "grpo.optim.optimizer=adamw_8bit",
-                 "model.freeze_vision=true", "model.gradient_checkpointing=true", "server.gpu_memory_utilization="):
+                 "model.freeze_vision=true", "model.gradient_checkpointing=true", "server.gpu_memory_utilization=",
+                 "grpo.optim.offload=cpu"):
         assert knob in msg, knob
     assert "optimizer states" in msg and "rollout server share" in msg
 
@@ -194,3 +196,41 @@ def test_push_to_hub_needs_token_and_never_prints_it(tmp_path, monkeypatch, caps
     assert "hf_topsecret" not in str(err.value) and "***" in str(err.value)
     assert calls == [("init", "hf_topsecret_abcdef")]
     assert "hf_topsecret" not in capsys.readouterr().out
+
+
+R1V_FULL = ["model.gradient_checkpointing=true", "model.freeze_vision=false", "grpo.beta=0.04",
+            "grpo.num_generations=8", "model.max_pixels=401408", "server.sleep_during_update=true",
+            "grpo.micro_batch_tokens=16384"]
+
+
+@pytest.mark.parametrize("arch", ["3B", "7B"])
+def test_full_parameter_fits_one_80gb_card_with_the_optimizer_in_host_ram(arch, monkeypatch):
+    from trainer import model_setup
+
+    monkeypatch.setattr(model_setup, "host_memory_available", lambda: 120 * GiB)  # the H100 host's 128 GiB
+    cfg = load_config(None, [f"model.name_or_path=Qwen/Qwen2.5-VL-{arch}-Instruct", *R1V_FULL])
+    resident = estimate_memory(cfg.model_copy(update={"grpo": cfg.grpo.model_copy(
+        update={"optim": cfg.grpo.optim.model_copy(update={"offload": "gpu"})})}), world_size=1,
+        device_total_bytes=79.2 * GiB)
+    assert not resident.fits  # fp32 masters + moments + grads on the card: the layout that ran out of memory
+    est = check_fits(cfg, 79.2 * GiB, world_size=1)  # auto moves the optimizer to the host, and then it fits
+    assert est.optimizer < 2 * GiB and est.host > 12 * est.trainable * 0.99
+    assert est.reference == 0.0 or est.reference < est.weights  # no second model on the card
+    assert est.generation > 0 and est.total == max(est.update, est.generation)
+
+
+def test_offload_refusals_and_the_host_ram_check(monkeypatch):
+    from trainer import model_setup
+
+    lora = load_config(None, ["model.lora.enabled=true"])
+    assert "LoRA" in model_setup.offload_refusal(lora, "grpo", 1, "auto")
+    assert "zero2_offload" in model_setup.offload_refusal(load_config(None, []), "grpo", 2, "ddp")
+    with pytest.raises(SuzakError, match="offload=cpu cannot be used here"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        model_setup.resolve_offload(load_config(None, ["grpo.optim.offload=cpu"]), "grpo", "cpu")
+    monkeypatch.delenv("WORLD_SIZE")
+    cfg = load_config(None, ["model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct", *R1V_FULL])
+    monkeypatch.setattr(model_setup, "host_memory_available", lambda: 64 * GiB)
+    with pytest.raises(SuzakError, match="GiB of host RAM") as err:
+        check_fits(cfg, 79.2 * GiB, world_size=1)
+    assert "grpo.beta=0" in str(err.value)
