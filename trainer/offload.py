@@ -18,6 +18,7 @@ weights go up on a second stream while the host moves on.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -58,7 +59,7 @@ class HostAdamW(torch.optim.AdamW):
     """
 
     def __init__(self, model: torch.nn.Module | list[dict], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 weight_decay: float = 0.0, bucket_bytes: int = DEFAULT_BUCKET_BYTES, threads: int | None = None):
         groups = model if isinstance(model, list) else [{"params": [p for p in model.parameters() if p.requires_grad],
                                                          "weight_decay": weight_decay}]
         self.device_params: list[torch.Tensor] = []
@@ -77,6 +78,8 @@ class HostAdamW(torch.optim.AdamW):
         super().__init__(master_groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=True)
         self.buckets = self._cut_buckets(bucket_bytes)
         self.last_step_s: float | None = None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.threads = threads or cores
         biggest = max(sum(self.device_params[i].numel() for i in b) for b in self.buckets)
         dtypes = {p.dtype for p in self.device_params}
         if len(dtypes) != 1:
@@ -151,6 +154,16 @@ class HostAdamW(torch.optim.AdamW):
         if closure is not None:
             raise SuzakError("HostAdamW.step takes no closure")
         start = time.perf_counter()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # memory-bound on the host: every core helps (the server sleeps)
+        try:
+            self._stream_buckets()
+        finally:
+            torch.set_num_threads(threads)
+        self.last_step_s = time.perf_counter() - start
+        return None
+
+    def _stream_buckets(self) -> None:
         pending = self._download(0)
         for k, bucket in enumerate(self.buckets):
             if pending is not None:
@@ -172,8 +185,6 @@ class HostAdamW(torch.optim.AdamW):
         if self.on_cuda:
             torch.cuda.current_stream().wait_stream(self._up)  # the next forward reads the new weights
             self._up.synchronize()
-        self.last_step_s = time.perf_counter() - start
-        return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.device_params:
