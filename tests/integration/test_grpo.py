@@ -153,3 +153,28 @@ def test_oversampling_trains_on_the_configured_number_of_groups(setup):
     flags = seen["informative_first"]
     assert flags == sorted(flags, reverse=True)  # every informative group before any zero-variance one
     assert 0.0 <= metrics["groups/informative_generated"] <= 1.0
+
+
+def test_offloaded_optimizer_and_host_reference_match_the_resident_learner(setup):
+    """grpo.optim.offload=cpu (fp32 masters in HostAdamW, the reference swapped in from host RAM) takes the same
+    step as the resident learner (torch AdamW, a second reference model): on CPU both are fp32, so they agree to
+    float rounding (fused vs foreach AdamW kernels)."""
+    import torch
+
+    from trainer.grpo import GRPOLearner
+
+    results = {}
+    for offload in ("gpu", "cpu"):
+        cfg = setup.cfg.model_copy(deep=True)
+        cfg.grpo.steps, cfg.grpo.beta, cfg.grpo.optim.offload = 1, 0.04, offload
+        learner = GRPOLearner(cfg, setup.task, setup.examples, setup.client, setup.root / f"offload-{offload}")
+        assert learner.policy.offload == (offload == "cpu")
+        assert (learner.policy.ref_model is None) == (offload == "cpu")  # offloaded: no second model
+        learner.push_weights()
+        metrics = learner.step()
+        weights = torch.cat([p.detach().reshape(-1) for p in learner.hf_model.parameters() if p.requires_grad])
+        results[offload] = (metrics, weights)
+    (resident, w_resident), (offloaded, w_offloaded) = results["gpu"], results["cpu"]
+    for key in ("loss", "grad_norm", "kl", "reward/total"):
+        assert abs(resident[key] - offloaded[key]) <= 1e-5 * max(1.0, abs(resident[key])), key
+    assert (w_resident - w_offloaded).abs().max() <= 1e-6
