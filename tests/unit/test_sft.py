@@ -146,3 +146,33 @@ def test_monitor_file_filters_secrets_and_drops_stale_lines(tmp_path, monkeypatc
     text = (tmp_path / "sft_metrics.jsonl").read_text()
     assert "supersecret" not in text and "api_key" not in text
     assert rows[0]["tokens_per_s"] == 10.0 and "time/update" in rows[0]
+
+
+def test_offloaded_sft_matches_resident_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """sft.optim.offload=cpu (HostAdamW: fp32 masters and moments on the host, with the masters in the checkpoint)
+    trains like the resident optimizer, and a run killed after step 2 continues exactly."""
+    steps = ["sft.max_steps=4"]
+    resident_out, offload_out = tmp_path / "resident", tmp_path / "offload"
+    run_sft(config(tiny, resident_out, *steps, "sft.optim.offload=gpu"), examples(), TASK, resident_out)
+    run_sft(config(tiny, offload_out, *steps, "sft.optim.offload=cpu"), examples(), TASK, offload_out)
+    resident, offloaded = losses(resident_out), losses(offload_out)
+    for step in (1, 2, 3, 4):
+        assert offloaded[step] == pytest.approx(resident[step], abs=1e-4), step
+    state = torch.load(offload_out / "sft" / "checkpoints" / "step-000004" / "optimizer.pt", weights_only=False)
+    assert "masters" in state and len(state["masters"]) > 0
+
+    out = tmp_path / "crashed"
+    original = Monitor.log
+
+    def crash_at_step_3(self, step, metrics):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, step, metrics)
+
+    monkeypatch.setattr(Monitor, "log", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_sft(config(tiny, out, *steps, "sft.optim.offload=cpu"), examples(), TASK, out)
+    monkeypatch.setattr(Monitor, "log", original)
+    run_sft(config(tiny, out, *steps, "sft.optim.offload=cpu"), examples(), TASK, out)
+    for step in (3, 4):
+        assert losses(out)[step] == pytest.approx(offloaded[step], abs=1e-6)
