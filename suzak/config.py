@@ -129,6 +129,10 @@ class OptimConfig(Section):
     trainable parameter), with bf16 weights and grads on the GPU and the step streamed through the host
     (trainer/offload.py). gpu: on the GPU (fp32 parameters under bf16 autocast). auto: cpu when the GPU-resident
     layout does not fit the card (one process, CUDA, no LoRA, no DeepSpeed/FSDP strategy), else gpu."""
+    offload_momentum_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """With offload=cpu: dtype of AdamW's first moment in host RAM (the masters and the second moment stay fp32).
+    auto: float32 when the host has room for 12 bytes a trainable parameter plus the reference, else bfloat16
+    (10 bytes: what lets a 7B with a reference fit a 128 GiB host)."""
 
 
 class SFTConfig(Section):
@@ -250,6 +254,20 @@ class ServerConfig(Section):
     """How long the learner waits for a local server to become ready."""
     request_timeout_s: float = Field(1800.0, gt=0)
     """HTTP timeout of one generate call."""
+    weights_timeout_s: float = Field(600.0, gt=0)
+    """HTTP timeout of one weight push (and of the other admin calls: transport set-up, sleep, wake)."""
+    max_request_mb: float = Field(128.0, gt=0)
+    """Largest request body the server reads; larger ones get a 413 before they are parsed."""
+    max_prompt_chars: int = Field(0, ge=0)
+    """Most characters of text in one prompt, checked before tokenising. 0: 32 x max_model_len."""
+    allowed_image_roots: list[str] | None = None
+    """Folders the server may open image paths under. Default (null): any local path when bound to loopback,
+    none otherwise ([] also means none). Clients elsewhere send images as data: URLs."""
+    allow_image_urls: bool | None = None
+    """Whether the server fetches http(s) image URLs (no redirects followed). Default (null): on when bound to
+    loopback, off otherwise."""
+    token_for_generate: bool = False
+    """Off loopback, require SUZAK_SERVER_TOKEN on /generate and /info too (the admin routes always need it)."""
 
 
 class EvalConfig(Section):

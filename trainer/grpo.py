@@ -246,7 +246,7 @@ class GRPOLearner:
         self.policy = load_policy(cfg, self.device)
         g = cfg.grpo
         optimizer, scheduler = build_optimizer(self.policy.model, g.optim, g.steps * g.num_iterations * g.mini_batches,
-                                               offload=self.policy.offload)
+                                               offload=self.policy.offload, momentum_dtype=self.policy.momentum_dtype)
         self.wrapped, self.optimizer = prepare_for_training(self.acc, PolicyLogps(self.policy.model), optimizer)
         self.model = self.wrapped  # what gradients, clipping and checkpoints go through
         self.scheduler = scheduler

@@ -28,7 +28,8 @@ import torch
 
 from suzak.errors import SuzakError
 from trainer.distributed import Precision, resolve_precision, strategy
-from trainer.offload import DEFAULT_BUCKET_BYTES, HostAdamW, HostReference, host_bytes_needed, host_memory_available
+from trainer.offload import (DEFAULT_BUCKET_BYTES, RUNTIME_HOST_BYTES, HostAdamW, HostReference, host_bytes_needed,
+                             host_memory_available, pick_momentum_dtype)
 
 GiB = 1024**3
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -272,8 +273,9 @@ def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: 
         grads = trainable * compute
         optimizer = 2 * OFFLOAD_STAGING_BYTES  # the streamed step's pinned buckets in flight on the card side
         autocast_copies = 0.0
-        notes.append(f"fp32 master weights and AdamW moments in host RAM: {trainable * 12 / GiB:.0f} GiB "
-                     f"(grpo/sft.optim.offload)")
+        momentum = momentum_dtype(cfg, stage, trainable)
+        notes.append(f"fp32 master weights and AdamW moments ({_DTYPE_NAMES[momentum]} first moment) in host RAM: "
+                     f"{trainable * (8 + _BYTES[momentum]) / GiB:.0f} GiB (grpo/sft.optim.offload)")
     else:
         pbytes = _BYTES[precision.param_dtype]
         weights = counts.total * pbytes
@@ -323,7 +325,15 @@ def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: 
                           autocast_copies=autocast_copies, reference=reference, activations=activations,
                           server=server, overhead=overhead, device_total=device_total_bytes, notes=notes,
                           generation=generation if server_awake and cfg.server.sleep_during_update else 0.0,
-                          host=host_bytes_needed(trainable, trainable if host_reference else 0) if host_optim else 0.0)
+                          host=host_bytes_needed(trainable, trainable if host_reference else 0,
+                                                 _BYTES[momentum_dtype(cfg, stage, trainable)]) if host_optim else 0.0)
+
+
+def momentum_dtype(cfg, stage: str, trainable: int) -> torch.dtype:
+    """The offloaded optimizer's first-moment dtype on this host (optim.offload_momentum_dtype, auto by free RAM)."""
+    reference = trainable if stage == "grpo" and cfg.grpo.beta > 0 else 0
+    return pick_momentum_dtype(_stage_optim(cfg, stage).offload_momentum_dtype, trainable, reference,
+                               host_memory_available())
 
 
 def with_offload(cfg, stage: str, value: str):
@@ -459,14 +469,15 @@ def check_fits(cfg, device_total_bytes: float, *, num_params=None, stage: str = 
 def _check_host_fits(cfg, est: MemoryEstimate, stage: str, available: float | None = None) -> None:
     """An offloaded optimizer (and reference) must fit the host's free RAM, or the run stops before loading."""
     available = host_memory_available() if available is None else available
-    if not est.host or available is None or est.host <= available:
+    if not est.host or available is None or est.host + RUNTIME_HOST_BYTES <= available:
         return
     fixes = ["model.freeze_vision=true (fewer trainable parameters)", "model.lora.enabled=true"]
     if stage == "grpo" and cfg.grpo.beta > 0:
         fixes.insert(0, "grpo.beta=0 (no reference copy in host RAM)")
     raise SuzakError(f"the offloaded optimizer of the {stage} learner needs {est.host / GiB:.1f} GiB of host RAM "
-                     f"(fp32 masters + AdamW moments, 12 bytes a trainable parameter, plus the reference) but "
-                     f"{available / GiB:.1f} GiB is available: free memory, or use one of: " + "; ".join(fixes)
+                     f"(fp32 masters + AdamW moments, 10-12 bytes a trainable parameter, plus the reference), and "
+                     f"the processes themselves about {RUNTIME_HOST_BYTES / GiB:.0f} GiB, but {available / GiB:.1f} "
+                     f"GiB is available: free memory, or use one of: " + "; ".join(fixes)
                      + f". (Set {SKIP_CHECK_ENV}=1 to try anyway.)")
 
 
@@ -487,6 +498,8 @@ class Policy:
     """Full-parameter training with the optimizer offloaded: the reference's trainable weights in host RAM."""
     offload: bool = False
     """The optimizer keeps the fp32 masters in host RAM (build_optimizer makes a HostAdamW)."""
+    momentum_dtype: torch.dtype = torch.float32
+    """With offload: the host optimizer's first-moment dtype (optim.offload_momentum_dtype as resolved here)."""
 
     @contextmanager
     def reference(self):
@@ -613,8 +626,15 @@ def load_policy(cfg, device, *, stage: str = "grpo") -> Policy:
         ref_model.requires_grad_(False)
         ref_model.eval()
     processor = load_processor(m.name_or_path, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+    momentum = torch.float32
+    if offload:
+        trainable, _ = trainable_parameter_count(model)
+        momentum = momentum_dtype(cfg, stage, trainable)
+        print(f"{stage}: fp32 master weights and AdamW moments in host RAM ({_DTYPE_NAMES[momentum]} first moment)"
+              f"{', reference weights in host RAM' if host_reference is not None else ''}", flush=True)
     return Policy(model=model, processor=processor, ref_model=ref_model, is_lora=m.lora.enabled,
-                  precision=precision, device=device, host_reference=host_reference, offload=offload)
+                  precision=precision, device=device, host_reference=host_reference, offload=offload,
+                  momentum_dtype=momentum)
 
 
 def prepare_for_training(accelerator, module, optimizer):
@@ -664,7 +684,8 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def build_optimizer(model, optim_cfg, total_steps: int, *, offload: bool = False):
+def build_optimizer(model, optim_cfg, total_steps: int, *, offload: bool = False,
+                    momentum_dtype: torch.dtype = torch.float32):
     """AdamW (host-offloaded, or bitsandbytes' 8-bit) over the trainable parameters, and its warm-up + decay
     scheduler. offload: Policy.offload (the fp32 masters and moments live in host RAM, trainer/offload.py)."""
     groups = _param_groups(model, optim_cfg.weight_decay)
@@ -673,7 +694,7 @@ def build_optimizer(model, optim_cfg, total_steps: int, *, offload: bool = False
         if optim_cfg.optimizer != "adamw":
             raise SuzakError(f"optim.offload=cpu runs AdamW with fp32 states on the host; optim.optimizer="
                              f"{optim_cfg.optimizer} would quantise them: set optim.optimizer=adamw (or offload=gpu)")
-        optimizer = HostAdamW(groups, **kwargs)
+        optimizer = HostAdamW(groups, momentum_dtype=momentum_dtype, **kwargs)
     elif optim_cfg.optimizer == "adamw_8bit":
         try:
             import bitsandbytes as bnb

@@ -3,7 +3,7 @@
     from trainer.offload import HostAdamW, HostReference
     optimizer = HostAdamW(model, lr=1e-6, weight_decay=0.0)   # model: bf16 parameters (GPU or CPU)
     loss.backward(); optimizer.step(); optimizer.zero_grad()  # grads down, AdamW on the host, bf16 weights up
-    ref = HostReference(model)                                # the starting weights, pinned in host RAM
+    ref = HostReference(model)                                # the starting weights, in host RAM
     with ref.swapped_in(model): logps = model(...)            # the reference's outputs, no second GPU copy
 
 Run its tests:  .venv/bin/python -m pytest tests/unit/test_offload.py -q
@@ -26,17 +26,20 @@ import torch
 
 from suzak.errors import SuzakError
 
-DEFAULT_BUCKET_BYTES = 512 * 1024**2  # bf16 bytes of one streamed bucket (two are in flight, pinned)
+DEFAULT_BUCKET_BYTES = 512 * 1024**2  # bytes of one streamed bucket: a power of two, so pinning wastes nothing
+RUNTIME_HOST_BYTES = 16 * 1024**3  # the learner and server processes themselves, with a margin
 
 
 def _pinned(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    # torch's pinned allocator rounds every block up to a power of two: buffers are sized to be one.
     buffer = torch.empty(numel, dtype=dtype)
     return buffer.pin_memory() if pin else buffer
 
 
-def host_bytes_needed(trainable: int, reference: int = 0) -> int:
-    """Host RAM the offloaded optimizer (fp32 master + two fp32 moments) and a bf16 reference copy take."""
-    return 12 * trainable + 2 * reference
+def host_bytes_needed(trainable: int, reference: int = 0, momentum_bytes: int = 4) -> int:
+    """Host RAM of the offloaded optimizer (fp32 master, fp32 second moment, first moment of `momentum_bytes`),
+    a bf16 reference copy of `reference` parameters, and the pinned staging buckets."""
+    return (8 + momentum_bytes) * trainable + 2 * reference + 4 * DEFAULT_BUCKET_BYTES
 
 
 def host_memory_available() -> int | None:
@@ -50,57 +53,95 @@ def host_memory_available() -> int | None:
     return None
 
 
+def pick_momentum_dtype(setting: str, trainable: int, reference: int, available: int | None) -> torch.dtype:
+    """optim.offload_momentum_dtype: float32 when the host has room for it (with the runtime's share), else bf16."""
+    if setting != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
+    if available is None or host_bytes_needed(trainable, reference, 4) + RUNTIME_HOST_BYTES <= available:
+        return torch.float32
+    return torch.bfloat16
+
+
+class _Chunk:
+    """A contiguous range of one parameter: the unit that is streamed and stepped (a master of its own)."""
+
+    __slots__ = ("param", "start", "end")
+
+    def __init__(self, param: torch.Tensor, start: int, end: int):
+        self.param, self.start, self.end = param, start, end
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+    def weight(self) -> torch.Tensor:
+        return self.param.detach().view(-1)[self.start:self.end]
+
+    def grad(self) -> torch.Tensor | None:
+        return None if self.param.grad is None else self.param.grad.view(-1)[self.start:self.end]
+
+
 class HostAdamW(torch.optim.AdamW):
     """torch's AdamW over fp32 host copies of the model's (bf16) trainable parameters.
 
-    The optimizer's own parameters are the host masters, so LR schedulers, param_groups and the moments' state
-    work as for any torch optimizer; state_dict() carries the masters too, so a resumed run continues from the
-    exact fp32 weights, not from their bf16 rounding. Gradient clipping runs on the model's gradients before step().
+    The optimizer's own parameters are the host masters (one per chunk of at most one bucket, so a 1 GB embedding
+    streams like any other weight), so LR schedulers, param_groups and the moments' state work as for any torch
+    optimizer; state_dict() carries the masters too, so a resumed run continues from the exact fp32 weights, not
+    from their bf16 rounding. Gradient clipping runs on the model's gradients before step().
+    momentum_dtype bfloat16 keeps the first moment in 16 bits (a 7B's fp32 state would not fit a 128 GiB host
+    beside the reference); the second moment stays fp32, since its 0.999 decay is below bf16's resolution.
     """
 
     def __init__(self, model: torch.nn.Module | list[dict], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, bucket_bytes: int = DEFAULT_BUCKET_BYTES, threads: int | None = None):
+                 weight_decay: float = 0.0, bucket_bytes: int = DEFAULT_BUCKET_BYTES, threads: int | None = None,
+                 momentum_dtype: torch.dtype = torch.float32):
         groups = model if isinstance(model, list) else [{"params": [p for p in model.parameters() if p.requires_grad],
                                                          "weight_decay": weight_decay}]
-        self.device_params: list[torch.Tensor] = []
+        params = [p for g in groups for p in g["params"]]
+        if not params:
+            raise SuzakError("HostAdamW got no trainable parameters (check the freeze_* flags)")
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            raise SuzakError(f"HostAdamW needs one parameter dtype, got {sorted(map(str, dtypes))}")
+        self.device_params = params
+        bucket_numel = max(1, bucket_bytes // params[0].element_size())
+        self.chunks: list[_Chunk] = []
         master_groups = []
         for group in groups:
             masters = []
             for p in group["params"]:
-                self.device_params.append(p)
-                masters.append(p.detach().to("cpu", torch.float32, copy=True))
+                for start in range(0, p.numel(), bucket_numel):
+                    chunk = _Chunk(p, start, min(p.numel(), start + bucket_numel))
+                    self.chunks.append(chunk)
+                    masters.append(chunk.weight().to("cpu", torch.float32, copy=True))
             master_groups.append({**group, "params": masters})
-        if not self.device_params:
-            raise SuzakError("HostAdamW got no trainable parameters (check the freeze_* flags)")
         self.masters = [m for g in master_groups for m in g["params"]]
-        self.on_cuda = self.device_params[0].is_cuda
+        self.on_cuda = params[0].is_cuda
         # fused is torch's vectorised CPU kernel; it needs float masters, which these always are.
         super().__init__(master_groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=True)
-        self.buckets = self._cut_buckets(bucket_bytes)
+        self.momentum_dtype = momentum_dtype
+        self._momentum: dict[int, torch.Tensor] = {}  # chunk index -> compressed exp_avg between steps
+        self.buckets = self._cut_buckets(bucket_numel)
         self.last_step_s: float | None = None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.threads = threads or cores
-        biggest = max(sum(self.device_params[i].numel() for i in b) for b in self.buckets)
-        dtypes = {p.dtype for p in self.device_params}
-        if len(dtypes) != 1:
-            raise SuzakError(f"HostAdamW needs one parameter dtype, got {sorted(map(str, dtypes))}")
-        dtype = dtypes.pop()
-        self._grads = [_pinned(biggest, dtype, self.on_cuda) for _ in range(2)]
-        self._weights = [_pinned(biggest, dtype, self.on_cuda) for _ in range(2)]
-        self._grad32 = torch.empty(biggest, dtype=torch.float32)
+        biggest = max(sum(self.chunks[i].numel for i in b) for b in self.buckets)
+        size = bucket_numel if biggest <= bucket_numel else biggest
+        self._grads = [_pinned(size, params[0].dtype, self.on_cuda) for _ in range(2)]
+        self._weights = [_pinned(size, params[0].dtype, self.on_cuda) for _ in range(2)]
+        self._grad32 = torch.empty(size, dtype=torch.float32)
         if self.on_cuda:
             self._down, self._up = torch.cuda.Stream(), torch.cuda.Stream()
             self._uploaded = [None, None]  # events: when the upload from weight buffer i has finished
 
-    def _cut_buckets(self, bucket_bytes: int) -> list[list[int]]:
+    def _cut_buckets(self, bucket_numel: int) -> list[list[int]]:
         buckets, current, size = [], [], 0
-        for i, p in enumerate(self.device_params):
-            nbytes = p.numel() * p.element_size()
-            if current and size + nbytes > bucket_bytes:
+        for i, chunk in enumerate(self.chunks):
+            if current and size + chunk.numel > bucket_numel:
                 buckets.append(current)
                 current, size = [], 0
             current.append(i)
-            size += nbytes
+            size += chunk.numel
         return buckets + ([current] if current else [])
 
     # ------------------------------------------------------------------ the step
@@ -113,13 +154,13 @@ class HostAdamW(torch.optim.AdamW):
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for i in self.buckets[k]:
-                p = self.device_params[i]
-                n = p.numel()
-                if p.grad is None:
-                    buffer[offset:offset + n].zero_()
+                chunk = self.chunks[i]
+                grad = chunk.grad()
+                if grad is None:
+                    buffer[offset:offset + chunk.numel].zero_()
                 else:
-                    buffer[offset:offset + n].copy_(p.grad.reshape(-1), non_blocking=True)
-                offset += n
+                    buffer[offset:offset + chunk.numel].copy_(grad, non_blocking=True)
+                offset += chunk.numel
         if stream is None:
             return None
         event = torch.cuda.Event()
@@ -127,27 +168,35 @@ class HostAdamW(torch.optim.AdamW):
         return event
 
     def _upload(self, k: int) -> None:
-        """Round bucket k's masters to bf16 and copy them into the model's parameters."""
+        """Round bucket k's masters to the model's dtype and copy them into its parameters."""
         slot = k % 2
         if self.on_cuda and self._uploaded[slot] is not None:
             self._uploaded[slot].synchronize()  # that buffer's previous upload is done: safe to overwrite
         buffer, offset, pending = self._weights[slot], 0, []
         for i in self.buckets[k]:
-            n = self.masters[i].numel()
-            buffer[offset:offset + n].copy_(self.masters[i].reshape(-1))
-            pending.append((self.device_params[i], buffer[offset:offset + n]))
+            n = self.chunks[i].numel
+            buffer[offset:offset + n].copy_(self.masters[i])
+            pending.append((self.chunks[i].weight(), buffer[offset:offset + n]))
             offset += n
         if not self.on_cuda:
-            with torch.no_grad():
-                for p, src in pending:
-                    p.copy_(src.view_as(p))
+            for dst, src in pending:
+                dst.copy_(src)
             return
-        with torch.cuda.stream(self._up), torch.no_grad():
-            for p, src in pending:
-                p.copy_(src.view_as(p), non_blocking=True)
+        with torch.cuda.stream(self._up):
+            for dst, src in pending:
+                dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self._up)
         self._uploaded[slot] = event
+
+    def _expand_momentum(self, bucket: list[int]) -> None:
+        for i in bucket:
+            if i in self._momentum:
+                self.state[self.masters[i]]["exp_avg"] = self._momentum[i].float()
+
+    def _compress_momentum(self, bucket: list[int]) -> None:
+        for i in bucket:
+            self._momentum[i] = self.state[self.masters[i]].pop("exp_avg").to(self.momentum_dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -164,21 +213,26 @@ class HostAdamW(torch.optim.AdamW):
         return None
 
     def _stream_buckets(self) -> None:
+        compressed = self.momentum_dtype != torch.float32
         pending = self._download(0)
         for k, bucket in enumerate(self.buckets):
             if pending is not None:
                 pending.synchronize()
-            grads, offset = self._grads[k % 2], 0
-            total = sum(self.masters[i].numel() for i in bucket)
+            total = sum(self.chunks[i].numel for i in bucket)
             grad32 = self._grad32[:total]
-            grad32.copy_(grads[:total])
+            grad32.copy_(self._grads[k % 2][:total])
+            offset = 0
             for i in bucket:
-                n = self.masters[i].numel()
-                self.masters[i].grad = grad32[offset:offset + n].view_as(self.masters[i])
+                n = self.chunks[i].numel
+                self.masters[i].grad = grad32[offset:offset + n]
                 offset += n
             # The next bucket comes down while the host updates this one (its buffer was consumed above).
             pending = self._download(k + 1) if k + 1 < len(self.buckets) else None
+            if compressed:
+                self._expand_momentum(bucket)
             super().step()  # torch's AdamW steps exactly the masters that have a grad: this bucket's
+            if compressed:
+                self._compress_momentum(bucket)
             for i in bucket:
                 self.masters[i].grad = None
             self._upload(k)
@@ -197,22 +251,34 @@ class HostAdamW(torch.optim.AdamW):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["masters"] = list(self.masters)  # references, not copies: a 7B copy would be 33 GB of host RAM
+        # References, not copies: a 7B copy would be tens of GB of host RAM.
+        state["masters"] = list(self.masters)
+        state["momentum"] = dict(self._momentum)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         masters = state_dict.pop("masters", None)
+        momentum = state_dict.pop("momentum", {})
         super().load_state_dict(state_dict)
+        self._momentum = {i: m.to(self.momentum_dtype) for i, m in momentum.items()}
+        if self.momentum_dtype == torch.float32:  # a checkpoint written with compressed momentum
+            for i in list(self._momentum):
+                self.state[self.masters[i]]["exp_avg"] = self._momentum.pop(i).float()
+        else:  # one written with fp32 momentum
+            for i, master in enumerate(self.masters):
+                if "exp_avg" in self.state.get(master, {}):
+                    self._momentum[i] = self.state[master].pop("exp_avg").to(self.momentum_dtype)
         if masters is None:
             return  # an optimizer state without masters: keep the ones taken from the loaded weights
         if len(masters) != len(self.masters):
             raise SuzakError(f"the optimizer state holds {len(masters)} master tensors, the model trains "
-                             f"{len(self.masters)}: was a freeze_* flag changed since the checkpoint?")
+                             f"{len(self.masters)}: was a freeze_* flag (or the bucket size) changed since the "
+                             "checkpoint?")
         with torch.no_grad():
-            for master, saved, p in zip(self.masters, masters, self.device_params):
+            for i, (master, saved) in enumerate(zip(self.masters, masters)):
                 master.copy_(saved)
-                p.copy_(saved.to(p.device, p.dtype))
+                self.chunks[i].weight().copy_(saved.to(self.chunks[i].param.dtype))
 
 
 class HostReference:
@@ -225,11 +291,9 @@ class HostReference:
 
     def __init__(self, model: torch.nn.Module):
         self.params = [p for p in model.parameters() if p.requires_grad]
-        pin = bool(self.params) and self.params[0].is_cuda
-        self.weights = []
-        for p in self.params:
-            # Straight into pinned memory: pin_memory() of a host copy would hold the weights twice for a moment.
-            self.weights.append(torch.empty(p.shape, dtype=p.dtype, pin_memory=pin).copy_(p.detach()))
+        # Pageable, not pinned: torch's pinned allocator rounds each block up to a power of two, which nearly
+        # doubled a 7B reference (and ran the host out of memory); pageable uploads cost ~1-2 s a step instead.
+        self.weights = [p.detach().to("cpu", copy=True) for p in self.params]
 
     @property
     def nbytes(self) -> int:

@@ -258,7 +258,8 @@ def run_sft(cfg, examples: list[Example], task: Task, out_dir) -> Path:
     acc = make_accelerator(cfg, cfg.sft.optim)
     total = sft_total_steps(cfg.sft, len(examples), acc.num_processes)
     policy = load_policy(cfg, acc.device, stage="sft")
-    optimizer, scheduler = build_optimizer(policy.model, cfg.sft.optim, total, offload=policy.offload)
+    optimizer, scheduler = build_optimizer(policy.model, cfg.sft.optim, total, offload=policy.offload,
+                                           momentum_dtype=policy.momentum_dtype)
     model, optimizer = prepare_for_training(acc, policy.model, optimizer)
     # Ranks share the init (same seed) but not dropout masks.
     set_seed(cfg.seed + 7919 * acc.process_index)
