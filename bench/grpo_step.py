@@ -18,7 +18,7 @@ tokens (fixed: ignore_eos), random rewards. What runs is what `suzak train` runs
 Training setting (--train): lora (LoRA on the language model, vision frozen, gradient checkpointing), full
 (everything trained, gradient checkpointing; the optimizer moves to host RAM when the card is too small, and the
 server sleeps through the update) or frozen_vision (full language model + merger). auto: the first of full,
-frozen_vision, lora whose trainer.model_setup.estimate_memory fits the card. `--set key=value ...` overrides
+frozen_vision, lora whose trainer.memory.estimate_memory fits the card. `--set key=value ...` overrides
 any config key last (suzak's dotted syntax), `--config` starts from a YAML recipe.
 
 Output: one line `RESULT {json}` (and $OUT/grpo_step_<arch>.json when $OUT is set); bench/README.md says what
@@ -128,7 +128,7 @@ def base_overrides(args, model_dir: Path, run_dir: Path, on_cuda: bool) -> list[
 def choose_training(args, base: list[str], device_total: float | None) -> tuple[str, dict | None]:
     """(mode, estimate summary): --train, or for auto the first setting whose memory estimate fits the card."""
     from suzak.config import load_config
-    from trainer.model_setup import count_parameters, estimate_memory
+    from trainer.memory import count_parameters, estimate_memory
 
     candidates = [args.train] if args.train != "auto" else ["full", "frozen_vision", "lora"]
     estimates = {}

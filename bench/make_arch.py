@@ -13,7 +13,7 @@ ids 0..151642 (the 256 byte symbols, then filler tokens "<tN>" so that any sampl
 added tokens at their real ids 151643..151664 (<|image_pad|> = 151655 ...). Every ASCII character of a prompt is
 one token, which makes "about 300 text tokens" exact to arrange. The config's vocab_size (151936 / 152064) is
 larger than the tokenizer, as in the real checkpoints.
-Architecture values: ../shared/reference/QWEN25VL-ARCH.md (the public config.json files).
+Architecture values: trainer/memory.py KNOWN_ARCHS (the public config.json files).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
 
 from suzak.errors import SuzakError  # noqa: E402
+from trainer.memory import KNOWN_ARCHS  # noqa: E402
 
 STAMP_FILE = "suzak-bench-arch.json"
 STAMP_VERSION = 1
@@ -41,17 +42,8 @@ QWEN_ADDED_TOKENS = [
 SPECIAL = set(QWEN_ADDED_TOKENS[:14])
 TOKEN_ID = {t: N_REGULAR + i for i, t in enumerate(QWEN_ADDED_TOKENS)}
 
-_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-               temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], in_channels=3,
-               hidden_act="silu", tokens_per_second=2)
-ARCHS = {
-    "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                         num_key_value_heads=2, vocab_size=151936, max_window_layers=70),
-               vision=dict(_VISION, out_hidden_size=2048), tie_word_embeddings=True),
-    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064, max_window_layers=28),
-               vision=dict(_VISION, out_hidden_size=3584), tie_word_embeddings=False),
-}
+# The real shapes: one table, trainer/memory.py's (the memory estimate counts the same architectures).
+ARCHS = {"3b": KNOWN_ARCHS["Qwen/Qwen2.5-VL-3B-Instruct"], "7b": KNOWN_ARCHS["Qwen/Qwen2.5-VL-7B-Instruct"]}
 ARCH_CHOICES = ("tiny", *ARCHS)
 
 
@@ -198,7 +190,7 @@ def build_random_model(config_or_folder, *, dtype: str = "bfloat16", device: str
 def install_random_init_loader() -> None:
     """Make suzak.models.load_model build weight-less folders at random instead of failing to find safetensors.
 
-    Only the benchmarks call this: the learner then runs its real code path (trainer.model_setup.load_policy,
+    Only the benchmarks call this: the learner then runs its real code path (trainer.policy.load_policy,
     which imports load_model at call time) on the 3B/7B shapes without 15 GB of weights on disk.
     """
     import suzak.models as models

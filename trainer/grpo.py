@@ -232,7 +232,9 @@ class GRPOLearner:
                  eval_hook=None):
         from trainer.checkpoint import CheckpointManager
         from trainer.distributed import make_accelerator
-        from trainer.model_setup import build_optimizer, learner_device, load_policy, prepare_for_training, resolve_offload
+        from trainer.memory import learner_device, resolve_offload
+        from trainer.optim import build_optimizer
+        from trainer.policy import load_policy, prepare_for_training
 
         cfg = resolve_offload(cfg, "grpo", learner_device())  # optim.offload auto -> cpu or off, before accelerate
         self.cfg, self.task, self.examples, self.client = cfg, task, examples, client
@@ -466,7 +468,7 @@ class GRPOLearner:
         """One GRPO step; returns its metrics."""
         from trainer.monitor import Timer
 
-        cfg, g = self.cfg, self.cfg.grpo
+        g = self.cfg.grpo
         timer = Timer()
         per_rank = max(1, g.prompts_per_step // self.acc.num_processes)
         count = math.ceil(per_rank * g.oversample)
@@ -538,7 +540,7 @@ class GRPOLearner:
             raise
 
     def export(self, out_dir: Path) -> Path:
-        from trainer.model_setup import export_hf
+        from trainer.export import export_hf
 
         self.policy.model = self.hf_model
         from trainer.distributed import is_sharded

@@ -232,7 +232,7 @@ class SFTStepper:
 
 def _export(acc, policy, model, final: Path) -> None:
     from trainer.distributed import is_sharded
-    from trainer.model_setup import export_hf
+    from trainer.export import export_hf
 
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(model) if is_sharded(acc) else None  # collective gather of the shards
@@ -246,7 +246,9 @@ def run_sft(cfg, examples: list[Example], task: Task, out_dir) -> Path:
     """Train the SFT stage (resuming from out_dir/sft/checkpoints when checkpoint.resume); export out_dir/sft/final."""
     from trainer.checkpoint import CheckpointManager
     from trainer.distributed import make_accelerator
-    from trainer.model_setup import build_optimizer, learner_device, load_policy, prepare_for_training, resolve_offload
+    from trainer.memory import learner_device, resolve_offload
+    from trainer.optim import build_optimizer
+    from trainer.policy import load_policy, prepare_for_training
     from trainer.monitor import Monitor
 
     if not examples:

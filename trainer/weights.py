@@ -37,7 +37,7 @@ def server_weights(model, dtype: str = "auto"):
     device = next(model.parameters()).device
     target = server_dtype(dtype, device)
     if hasattr(model, "get_base_model"):
-        from trainer.model_setup import iter_merged_weights
+        from trainer.export import iter_merged_weights
 
         yield ((name, t.contiguous()) for name, t in iter_merged_weights(model, target))
         return

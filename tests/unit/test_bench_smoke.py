@@ -50,7 +50,7 @@ def _meta_param_count(config) -> int:
 @pytest.mark.parametrize("arch,hub_id,params", [("3b", "Qwen/Qwen2.5-VL-3B-Instruct", 3_754_622_976),
                                                 ("7b", "Qwen/Qwen2.5-VL-7B-Instruct", 8_292_166_656)])
 def test_arch_configs_have_the_public_shapes(arch, hub_id, params):
-    from trainer.model_setup import count_parameters
+    from trainer.memory import count_parameters
 
     cfg = make_arch.build_config(arch)
     text, vision = cfg.text_config, cfg.vision_config

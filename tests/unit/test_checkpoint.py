@@ -14,7 +14,7 @@ from suzak.config import OptimConfig
 from suzak.errors import SuzakError
 from trainer import checkpoint as ckpt_mod
 from trainer.checkpoint import CheckpointManager
-from trainer.model_setup import build_optimizer
+from trainer.optim import build_optimizer
 
 
 class Net(torch.nn.Module):

@@ -1,4 +1,5 @@
-"""Model setup: freezing, LoRA and its reference, the memory check, the optimizer schedule, HF export, hub push.
+"""The learner's model: freezing, LoRA and its reference (trainer/policy.py), the memory check (trainer/memory.py),
+the optimizer schedule (trainer/optim.py), HF export and hub push (trainer/export.py).
 
     .venv/bin/python -m pytest tests/unit/test_model_setup.py -q
 """
@@ -11,9 +12,11 @@ import torch
 from suzak.config import OptimConfig, load_config
 from suzak.errors import SuzakError
 from suzak.tiny import build_tiny_model
-from trainer import model_setup
-from trainer.model_setup import (GiB, LRSchedule, build_optimizer, check_fits, count_parameters, estimate_memory,
-                                 export_hf, load_policy)
+from trainer import export, memory
+from trainer.export import export_hf
+from trainer.memory import GiB, check_fits, count_parameters, estimate_memory
+from trainer.optim import LRSchedule, build_optimizer
+from trainer.policy import load_policy
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +177,7 @@ def test_push_to_hub_needs_token_and_never_prints_it(tmp_path, monkeypatch, caps
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(SuzakError, match="HF_TOKEN"):
-        model_setup.push_to_hub(tmp_path, "me/model")
+        export.push_to_hub(tmp_path, "me/model")
     monkeypatch.setenv("HF_TOKEN", "hf_topsecret_abcdef")
     calls = []
 
@@ -192,7 +195,7 @@ def test_push_to_hub_needs_token_and_never_prints_it(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     with pytest.raises(SuzakError) as err:
-        model_setup.push_to_hub(tmp_path, "me/model")
+        export.push_to_hub(tmp_path, "me/model")
     assert "hf_topsecret" not in str(err.value) and "***" in str(err.value)
     assert calls == [("init", "hf_topsecret_abcdef")]
     assert "hf_topsecret" not in capsys.readouterr().out
@@ -205,9 +208,7 @@ R1V_FULL = ["model.gradient_checkpointing=true", "model.freeze_vision=false", "g
 
 @pytest.mark.parametrize("arch", ["3B", "7B"])
 def test_full_parameter_fits_one_80gb_card_with_the_optimizer_in_host_ram(arch, monkeypatch):
-    from trainer import model_setup
-
-    monkeypatch.setattr(model_setup, "host_memory_available", lambda: 120 * GiB)  # the H100 host's 128 GiB
+    monkeypatch.setattr(memory, "host_memory_available", lambda: 120 * GiB)  # the H100 host's 128 GiB
     cfg = load_config(None, [f"model.name_or_path=Qwen/Qwen2.5-VL-{arch}-Instruct", *R1V_FULL])
     resident = estimate_memory(cfg.model_copy(update={"grpo": cfg.grpo.model_copy(
         update={"optim": cfg.grpo.optim.model_copy(update={"offload": "gpu"})})}), world_size=1,
@@ -220,17 +221,15 @@ def test_full_parameter_fits_one_80gb_card_with_the_optimizer_in_host_ram(arch, 
 
 
 def test_offload_refusals_and_the_host_ram_check(monkeypatch):
-    from trainer import model_setup
-
     lora = load_config(None, ["model.lora.enabled=true"])
-    assert "LoRA" in model_setup.offload_refusal(lora, "grpo", 1, "auto")
-    assert "zero2_offload" in model_setup.offload_refusal(load_config(None, []), "grpo", 2, "ddp")
+    assert "LoRA" in memory.offload_refusal(lora, "grpo", 1, "auto")
+    assert "zero2_offload" in memory.offload_refusal(load_config(None, []), "grpo", 2, "ddp")
     with pytest.raises(SuzakError, match="offload=cpu cannot be used here"):
         monkeypatch.setenv("WORLD_SIZE", "2")
-        model_setup.resolve_offload(load_config(None, ["grpo.optim.offload=cpu"]), "grpo", "cpu")
+        memory.resolve_offload(load_config(None, ["grpo.optim.offload=cpu"]), "grpo", "cpu")
     monkeypatch.delenv("WORLD_SIZE")
     cfg = load_config(None, ["model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct", *R1V_FULL])
-    monkeypatch.setattr(model_setup, "host_memory_available", lambda: 64 * GiB)
+    monkeypatch.setattr(memory, "host_memory_available", lambda: 64 * GiB)
     with pytest.raises(SuzakError, match="GiB of host RAM") as err:
         check_fits(cfg, 79.2 * GiB, world_size=1)
     assert "grpo.beta=0" in str(err.value)

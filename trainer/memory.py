@@ -1,51 +1,44 @@
-"""The learner's model: memory check before loading, policy loading (freezing, LoRA, checkpointing), optimizer, export.
+"""Will it fit? Parameter counts from the architecture alone, the per-GPU memory estimate of a learner (and the
+rollout server beside it), where the optimizer lives (optim.offload), and the check that refuses a config before
+anything loads, naming the knobs that would make it fit.
 
-    from trainer.model_setup import check_fits, load_policy, build_optimizer, export_hf
+    from trainer.memory import check_fits, estimate_memory
     check_fits(cfg, torch.cuda.get_device_properties(0).total_memory)   # SuzakError naming the knobs if too big
-    policy = load_policy(cfg, accelerator.device, stage="grpo")
-    optimizer, scheduler = build_optimizer(policy.model, cfg.grpo.optim, total_steps)
-    export_hf(policy, "runs/x/grpo/final")                              # HF folder for transformers and vLLM
 
-    python -m trainer.model_setup Qwen/Qwen2.5-VL-7B-Instruct 79.6 model.lora.enabled=true   # estimate, GiB card
-
-Parameters stay fp32 when optim.master_weights_fp32 (bf16 autocast runs the forward on CUDA, see
-trainer/distributed.py); LoRA keeps the frozen base in the compute dtype and only the adapters in fp32.
-Module names follow transformers 5.x Qwen2_5_VLForConditionalGeneration: model.visual.{patch_embed,blocks}
-(vision tower), model.visual.merger, model.language_model + lm_head (language model).
+    python -m trainer.memory Qwen/Qwen2.5-VL-7B-Instruct 79.6 model.lora.enabled=true   # estimate, GiB card
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from suzak.errors import SuzakError
-from trainer.distributed import Precision, resolve_precision, strategy
-from trainer.offload import (DEFAULT_BUCKET_BYTES, RUNTIME_HOST_BYTES, HostAdamW, HostReference, host_bytes_needed,
-                             host_memory_available, pick_momentum_dtype)
+from trainer.distributed import resolve_precision, strategy
+from trainer.offload import (DEFAULT_BUCKET_BYTES, RUNTIME_HOST_BYTES, host_bytes_needed, host_memory_available,
+                             pick_momentum_dtype)
 
 GiB = 1024**3
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
-# Public config.json values (../shared/reference/QWEN25VL-ARCH.md): counted on the meta device, nothing downloaded.
+# Public config.json values of the Qwen2.5-VL checkpoints (their hub repos' config.json): counted on the meta device
+# here, written into benchmark model folders by bench/make_arch.py. Nothing is downloaded.
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-               temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+               temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], in_channels=3,
+               hidden_act="silu", tokens_per_second=2)
 KNOWN_ARCHS = {
     "Qwen/Qwen2.5-VL-3B-Instruct": dict(
         text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                  num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+                  num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=70),
         vision=dict(_VISION, out_hidden_size=2048), tie_word_embeddings=True),
     "Qwen/Qwen2.5-VL-7B-Instruct": dict(
         text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                  num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+                  num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, max_window_layers=28),
         vision=dict(_VISION, out_hidden_size=3584), tie_word_embeddings=False),
 }
 KNOWN_ARCHS["Qwen/Qwen2.5-VL-3B"] = KNOWN_ARCHS["Qwen/Qwen2.5-VL-3B-Instruct"]
@@ -481,93 +474,6 @@ def _check_host_fits(cfg, est: MemoryEstimate, stage: str, available: float | No
                      + f". (Set {SKIP_CHECK_ENV}=1 to try anyway.)")
 
 
-# ============================================================================ loading
-
-
-@dataclass
-class Policy:
-    """The trainable policy, its processor, and the frozen reference (None: none needed, or LoRA with adapters off)."""
-
-    model: torch.nn.Module
-    processor: object
-    ref_model: torch.nn.Module | None
-    is_lora: bool
-    precision: Precision = field(default_factory=lambda: Precision(torch.float32, None))
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    host_reference: HostReference | None = None
-    """Full-parameter training with the optimizer offloaded: the reference's trainable weights in host RAM."""
-    offload: bool = False
-    """The optimizer keeps the fp32 masters in host RAM (build_optimizer makes a HostAdamW)."""
-    momentum_dtype: torch.dtype = torch.float32
-    """With offload: the host optimizer's first-moment dtype (optim.offload_momentum_dtype as resolved here)."""
-
-    @contextmanager
-    def reference(self):
-        """Yields the module whose outputs are the reference model's: the frozen copy, the policy with the
-        reference weights swapped in, or the policy with its adapters off."""
-        if self.ref_model is not None:
-            yield self.ref_model
-        elif self.host_reference is not None:
-            with self.host_reference.swapped_in(self.model) as model:
-                yield model
-        elif self.is_lora:
-            with self.model.disable_adapter():
-                yield self.model
-        else:
-            raise SuzakError("no reference model was loaded (grpo.beta is 0); set grpo.beta > 0 to use one")
-
-
-def model_parts(model) -> dict[str, list[torch.nn.Module]]:
-    """{'vision': [patch_embed, blocks], 'merger': [merger], 'lm': [language_model, lm_head]} of a Qwen2.5-VL."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(inner, "module", inner)
-    core = getattr(inner, "model", None)
-    visual = getattr(core, "visual", None) or getattr(inner, "visual", None)
-    language = getattr(core, "language_model", None)
-    head = getattr(inner, "lm_head", None)
-    if visual is None or language is None or head is None:
-        raise SuzakError(f"{type(inner).__name__} is not laid out like transformers 5.x Qwen2.5-VL "
-                         "(model.visual, model.language_model, lm_head); freezing needs that layout")
-    return {"vision": [visual.patch_embed, visual.blocks], "merger": [visual.merger], "lm": [language, head]}
-
-
-def apply_freezing(model, model_cfg) -> None:
-    """requires_grad=False on the parts the config freezes (tied lm_head/embeddings freeze together)."""
-    parts = model_parts(model)
-    for part, frozen in (("vision", model_cfg.freeze_vision), ("merger", model_cfg.freeze_merger),
-                         ("lm", model_cfg.freeze_lm)):
-        if frozen:
-            for module in parts[part]:
-                module.requires_grad_(False)
-
-
-def _lora_target_regex(names: list[str]) -> str:
-    # Vision MLPs also have gate/up/down_proj: a full-name regex keeps adapters in the language model only.
-    return r".*language_model\..*\.(" + "|".join(map(str, names)) + r")$"
-
-
-def apply_lora(model, lora_cfg, precision: Precision):
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=_lora_target_regex(lora_cfg.target_modules), bias="none")
-    try:
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
-    except ValueError as e:
-        raise SuzakError(f"model.lora.target_modules={lora_cfg.target_modules} matched no language-model module "
-                         f"({e}); use names like q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
-                         "down_proj") from None
-    for p in peft_model.parameters():
-        if p.requires_grad:
-            p.data = p.data.to(precision.param_dtype if precision.autocast_dtype is None else torch.float32)
-    return peft_model
-
-
-def _check_trainable(model, model_cfg) -> None:
-    if not any(p.requires_grad for p in model.parameters()):
-        raise SuzakError("every parameter is frozen (model.freeze_vision/freeze_merger/freeze_lm, or freeze_lm with "
-                         "LoRA): unfreeze at least one part")
-
 
 def _device_total(device: torch.device) -> float | None:
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -575,306 +481,8 @@ def _device_total(device: torch.device) -> float | None:
     return float(torch.cuda.get_device_properties(device).total_memory)
 
 
-def load_policy(cfg, device, *, stage: str = "grpo") -> Policy:
-    """Load the policy (and the reference if needed) for a stage, after checking it fits the card."""
-    from suzak.models import load_model, load_processor, pick_attn_implementation
-
-    device = torch.device(device)
-    cfg = resolve_offload(cfg, stage, device)
-    optim = _stage_optim(cfg, stage)
-    offload = optim.offload == "cpu"
-    m = cfg.model
-    precision = resolve_precision(m, optim, device.type)
-    if m.lora.enabled and m.freeze_lm:
-        raise SuzakError("model.lora.enabled with model.freeze_lm leaves nothing to train: LoRA adapts the language "
-                         "model; drop freeze_lm")
-    if stage == "grpo" and cfg.grpo.beta > 0 and not m.lora.enabled and strategy().startswith(("zero3", "fsdp")):
-        raise SuzakError(f"grpo.beta > 0 with SUZAK_STRATEGY={strategy()} would need a sharded reference model, which "
-                         "suzak does not build: use model.lora.enabled=true (reference = adapters off), "
-                         "SUZAK_STRATEGY=zero2, or grpo.beta=0")
-    total = _device_total(device)
-    if total is not None and os.environ.get(SKIP_CHECK_ENV, "") in ("", "0"):
-        check_fits(cfg, total, stage=stage)
-
-    # LoRA: the base never changes, so it needs no fp32 master copy.
-    load_dtype = precision.compute_dtype if m.lora.enabled else precision.param_dtype
-    requested_attn = m.attn_implementation
-    if stage == "grpo" and cfg.grpo.share_prompt and requested_attn == "auto":
-        requested_attn = "sdpa"  # shared-prompt rows need an arbitrary attention mask, which flash-attn cannot take
-    attn = pick_attn_implementation(requested_attn, dtype=_DTYPE_NAMES[precision.compute_dtype])
-    # Sharded strategies place the weights themselves when the model is prepared.
-    where = None if strategy().startswith(("zero3", "fsdp")) else str(device)
-    model = load_model(m.name_or_path, dtype=_DTYPE_NAMES[load_dtype], attn_implementation=attn, device=where)
-    model.config.use_cache = False
-    if m.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input grads, so frozen embeddings/vision stay frozen.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if m.lora.enabled:
-        model.requires_grad_(False)
-        model = apply_lora(model, m.lora, precision)
-    else:
-        apply_freezing(model, m)
-    _check_trainable(model, m)
-    model.train()
-
-    ref_model, host_reference = None, None
-    if stage == "grpo" and cfg.grpo.beta > 0 and not m.lora.enabled and offload:
-        host_reference = HostReference(model)
-    elif stage == "grpo" and cfg.grpo.beta > 0 and not m.lora.enabled:
-        ref_model = load_model(m.name_or_path, dtype=_DTYPE_NAMES[precision.compute_dtype],
-                               attn_implementation=attn, device=where)
-        ref_model.requires_grad_(False)
-        ref_model.eval()
-    processor = load_processor(m.name_or_path, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
-    momentum = torch.float32
-    if offload:
-        trainable, _ = trainable_parameter_count(model)
-        momentum = momentum_dtype(cfg, stage, trainable)
-        print(f"{stage}: fp32 master weights and AdamW moments in host RAM ({_DTYPE_NAMES[momentum]} first moment)"
-              f"{', reference weights in host RAM' if host_reference is not None else ''}", flush=True)
-    return Policy(model=model, processor=processor, ref_model=ref_model, is_lora=m.lora.enabled,
-                  precision=precision, device=device, host_reference=host_reference, offload=offload,
-                  momentum_dtype=momentum)
-
-
-def prepare_for_training(accelerator, module, optimizer):
-    """accelerator.prepare the module and the optimizer; a HostAdamW stays outside (accelerate would move its
-    host state to the card)."""
-    if isinstance(optimizer, HostAdamW):
-        return accelerator.prepare(module), optimizer
-    return accelerator.prepare(module, optimizer)
-
-
-def trainable_parameter_count(model) -> tuple[int, int]:
-    """(trainable, total) parameters, tied weights counted once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-# ============================================================================ optimizer
-
-
-class LRSchedule:
-    """LR multiplier of step k as transformers' schedulers compute it: linear warm-up from 0, then constant,
-    cosine to 0, or linear to 0 (R1-V used transformers' cosine with warm-up 0.1 for SFT, constant for GRPO)."""
-
-    def __init__(self, warmup_steps: int, total_steps: int, kind: str):
-        self.warmup, self.total, self.kind = warmup_steps, max(total_steps, 1), kind
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return step / max(1, self.warmup)
-        if self.kind == "constant":
-            return 1.0
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
-        if self.kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not params:
-        raise SuzakError("the model has no trainable parameters (check the freeze_* flags)")
-    if weight_decay == 0:
-        return [{"params": [p for _, p in params], "weight_decay": 0.0}]
-    # No decay on biases and norm scales (1-D), as transformers' Trainer does.
-    decay = [p for _, p in params if p.ndim >= 2]
-    rest = [p for _, p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def build_optimizer(model, optim_cfg, total_steps: int, *, offload: bool = False,
-                    momentum_dtype: torch.dtype = torch.float32):
-    """AdamW (host-offloaded, or bitsandbytes' 8-bit) over the trainable parameters, and its warm-up + decay
-    scheduler. offload: Policy.offload (the fp32 masters and moments live in host RAM, trainer/offload.py)."""
-    groups = _param_groups(model, optim_cfg.weight_decay)
-    kwargs = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=1e-8)
-    if offload:
-        if optim_cfg.optimizer != "adamw":
-            raise SuzakError(f"optim.offload=cpu runs AdamW with fp32 states on the host; optim.optimizer="
-                             f"{optim_cfg.optimizer} would quantise them: set optim.optimizer=adamw (or offload=gpu)")
-        optimizer = HostAdamW(groups, momentum_dtype=momentum_dtype, **kwargs)
-    elif optim_cfg.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise SuzakError("optim.optimizer=adamw_8bit needs bitsandbytes (`pip install bitsandbytes`, CUDA only); "
-                             "or set optimizer: adamw") from None
-        optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
-    elif strategy().endswith("_offload") and strategy().startswith("zero") and _deepspeed_cpu_adam() is not None:
-        optimizer = _deepspeed_cpu_adam()(groups, adamw_mode=True, **kwargs)
-    else:
-        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-        # fused is the fastest CUDA kernel; CPU keeps the default (foreach) path, which is deterministic.
-        optimizer = torch.optim.AdamW(groups, fused=True if on_cuda else None, **kwargs)
-    warmup = math.ceil(optim_cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(warmup, total_steps, optim_cfg.scheduler))
-    return optimizer, scheduler
-
-
-def _deepspeed_cpu_adam():
-    try:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-    except Exception:  # noqa: BLE001 - missing or unbuildable op: fall back to torch AdamW
-        return None
-    return DeepSpeedCPUAdam
-
-
-# ============================================================================ export
-
-
-def merged_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """HF-named weights with LoRA deltas folded in, computed without touching the live model (no merge/unmerge drift).
-
-    Tied tensors stay tied (one converted copy per storage) so save_pretrained drops the alias.
-    """
-    return dict(iter_merged_weights(model, dtype))
-
-
-def iter_merged_weights(model, dtype: torch.dtype | None = None):
-    """(hf_name, tensor) one at a time, each LoRA delta computed only when its weight is reached.
-
-    Lazy on purpose: computing every delta first holds a full-size fp32 copy of every adapted matrix at once
-    (26 GiB for 7B), which ran the H100 out of memory beside the rollout server.
-    """
-    is_peft = hasattr(model, "get_base_model")
-    base = model.get_base_model() if is_peft else model
-    lora_modules = {}
-    if is_peft:
-        from peft.tuners.lora import LoraLayer
-
-        lora_modules = {f"{name}.weight": module for name, module in base.named_modules()
-                        if isinstance(module, LoraLayer)}
-    converted: dict[int, torch.Tensor] = {}
-    for name, tensor in base.state_dict().items():
-        if "lora_" in name or "modules_to_save" in name:
-            continue
-        clean = name.replace(".base_layer.", ".")
-        module = lora_modules.get(clean)
-        adapters = [a for a in module.active_adapters if a in module.lora_A] if module is not None else []
-        if adapters:
-            merged = tensor.detach().float()
-            for adapter in adapters:
-                merged = merged + module.get_delta_weight(adapter).detach().float().to(tensor.device)
-            yield clean, merged.to(dtype or tensor.dtype)
-            continue
-        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
-        if key not in converted:
-            converted[key] = tensor.detach().to(dtype or tensor.dtype)
-        yield clean, converted[key]
-
-
-def _lora_scaling(model) -> float:
-    config = getattr(model, "peft_config", {}).get("default")
-    if config is None:
-        return 1.0
-    return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-
-
-def merge_lora_state_dict(state_dict: dict, scaling: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A peft-named full state dict (e.g. gathered from ZeRO-3/FSDP shards) -> HF names, W + scaling * B @ A."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if "lora_" in key or "modules_to_save" in key:
-            continue
-        name = key.removeprefix("base_model.model.")
-        if key.endswith(".base_layer.weight"):
-            prefix = key.removesuffix(".base_layer.weight")
-            a, b = state_dict.get(f"{prefix}.lora_A.default.weight"), state_dict.get(f"{prefix}.lora_B.default.weight")
-            if a is not None and b is not None:
-                value = value.float() + scaling * (b.float() @ a.float())
-        name = name.replace(".base_layer.", ".")
-        out[name] = value.to(dtype)
-    return out
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Replace `target` with the complete folder `tmp` (rename is atomic; an old copy is moved aside first)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def export_hf(policy: Policy, out_dir, *, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write model (LoRA merged) + processor as a Hugging Face folder that transformers and vLLM load; atomic.
-
-    dtype: default the compute dtype (bf16 on CUDA, fp32 on CPU). state_dict: a full HF-named state dict gathered
-    by the caller under ZeRO-3/FSDP (accelerator.get_state_dict); otherwise taken from policy.model.
-    """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or policy.precision.compute_dtype
-    model = policy.model
-    model = getattr(model, "module", model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if state_dict is None:
-        state_dict = merged_state_dict(model, dtype)
-    else:
-        state_dict = merge_lora_state_dict(state_dict, _lora_scaling(model), dtype)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    old_dtype, old_cache = base.config.dtype, base.config.use_cache
-    try:
-        base.config.use_cache = True  # inference default for whoever loads the export
-        with _no_peft_marker(base):
-            base.save_pretrained(tmp, state_dict=state_dict)
-        # save_pretrained records the live parameters' dtype (fp32 masters); the files hold `dtype`, and
-        # dtype="auto" loaders (transformers, vLLM) should pick that.
-        base.config.dtype = dtype
-        base.config.save_pretrained(tmp)
-        policy.processor.save_pretrained(tmp)
-        _swap_in(tmp, out)
-    finally:
-        base.config.dtype, base.config.use_cache = old_dtype, old_cache
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-@contextmanager
-def _no_peft_marker(base):
-    # A peft-wrapped base may carry transformers' peft flag, which would make save_pretrained write an adapter.
-    flag = getattr(base, "_hf_peft_config_loaded", None)
-    if flag:
-        base._hf_peft_config_loaded = False
-    try:
-        yield
-    finally:
-        if flag:
-            base._hf_peft_config_loaded = flag
-
-
-def push_to_hub(folder, repo_id: str | None = None, *, private: bool = True) -> str:
-    """Upload an exported folder to the hub (token from HF_TOKEN, never printed); returns the repo URL."""
-    repo_id = repo_id or os.environ.get("HUB_MODEL_ID")
-    if not repo_id:
-        raise SuzakError("push_to_hub needs a repo: set checkpoint.hub_model_id (or HUB_MODEL_ID), "
-                         "e.g. me/qwen25vl-r1v")
-    token = os.environ.get("HF_TOKEN")
-    if not token:
-        raise SuzakError("push_to_hub needs HF_TOKEN in the environment (a write token from "
-                         "https://huggingface.co/settings/tokens)")
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise SuzakError(f"{folder} is not an exported model folder (no config.json); export before pushing")
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    try:
-        url = api.create_repo(repo_id, exist_ok=True, private=private)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="suzak export")
-    except Exception as e:  # noqa: BLE001 - hub errors come in many types; the token never enters the message
-        message = str(e).replace(token, "***")[:300]
-        raise SuzakError(f"upload of {folder} to {repo_id} failed: {type(e).__name__}: {message}") from None
-    return str(url)
-
-
 def main(argv: list[str] | None = None) -> None:
-    """python -m trainer.model_setup MODEL [GPU_GiB] [key=value ...]: print the estimate for a config."""
+    """python -m trainer.memory MODEL [GPU_GiB] [key=value ...]: print the estimate for a config."""
     from suzak.config import load_config
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -895,3 +503,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
