@@ -9,9 +9,8 @@ The reference step (../shared/reference/PERF-FLOOR.md): 64 prompts x G=8 rollout
 512 visual tokens (896x448 px = 401408 = model.max_pixels), about 300 other prompt tokens, 256 completion
 tokens (fixed: ignore_eos), random rewards. What runs is what `suzak train` runs: `suzak serve` in a subprocess
 (vLLM, dummy weights for a weight-less folder), then GRPOLearner.push_weights() and GRPOLearner.step() for
---warmup + --steps steps. The bench changes three things, all outside suzak's code:
-- every generate request gets sampling.ignore_eos=True (GRPOConfig has no such field and
-  trainer/rollouts.generate_request does not set it), so every completion has exactly --completion tokens;
+--warmup + --steps steps. The bench sets or changes three things:
+- grpo.ignore_eos=true, so every completion has exactly --completion tokens;
 - the task's reward functions return random numbers (the rewards' cost is not what is measured);
 - the learner's phase timer synchronises CUDA at phase edges, so queued GPU work is charged to its own phase.
 
@@ -113,6 +112,7 @@ def base_overrides(args, model_dir: Path, run_dir: Path, on_cuda: bool) -> list[
         f"model.max_pixels={args.visual_tokens * 784}", f"model.min_pixels={min(3136, args.visual_tokens * 784)}",
         f"grpo.steps={args.warmup + args.steps}", f"grpo.prompts_per_step={args.prompts}",
         f"grpo.num_generations={args.G}", f"grpo.max_completion_tokens={args.completion}", f"grpo.beta={args.beta}",
+        "grpo.ignore_eos=true",
         f"server.max_model_len={max(1024, max_len)}", f"server.max_num_seqs={min(1024, rollouts)}",
         "checkpoint.resume=false", "logging.progress=false",
     ]
@@ -225,8 +225,8 @@ class RandomRewardTask:
 # ----------------------------------------------------------------------------------------------- learner side
 
 
-class FixedLengthClient:
-    """RolloutClient with ignore_eos on every generate request; counts the tokens of the last answer."""
+class TokenCountingClient:
+    """RolloutClient that counts the prompt and completion tokens of the last answer (the record's token check)."""
 
     def __init__(self, client):
         self._client = client
@@ -236,8 +236,6 @@ class FixedLengthClient:
         return getattr(self._client, name)
 
     def generate(self, req):
-        req = req.model_copy(deep=True)
-        req.sampling.ignore_eos = True
         resp = self._client.generate(req)
         self.last_tokens = {
             "prompt": sum(len(r.prompt_token_ids) * len(r.completions) for r in resp.results),
@@ -538,7 +536,7 @@ def _learner_part(args, ctx, task, examples, process, url, startup) -> dict:
 
     cfg, on_cuda = ctx["cfg"], ctx["device_total"] is not None
     sampler = GpuMemorySampler(process.pid).start() if on_cuda else None
-    client = FixedLengthClient(RolloutClient(url, timeout=cfg.server.request_timeout_s))
+    client = TokenCountingClient(RolloutClient(url, timeout=cfg.server.request_timeout_s))
     try:
         t0 = time.perf_counter()
         learner = build_learner(cfg, task, examples, client, ctx["run_dir"] / "grpo")

@@ -99,7 +99,7 @@ def run(args, rest: list[str]) -> dict:
         process, url = start_local_server(cfg, ctx["run_dir"] / "server.log",
                                           env=grpo_step.server_env(ctx["model_dir"], token), timeout_s=1800)
         server_start = round(time.perf_counter() - t0, 1)
-        client = grpo_step.FixedLengthClient(RolloutClient(url, timeout=cfg.server.request_timeout_s))
+        client = grpo_step.TokenCountingClient(RolloutClient(url, timeout=cfg.server.request_timeout_s))
         try:
             reference = points(args)[0]
             learner = grpo_step.build_learner(cfg, task, [], client, ctx["run_dir"] / "grpo")
