@@ -5,7 +5,7 @@
     python bench/grpo_step.py --arch 7b --set server.gpu_memory_utilization=0.45 grpo.micro_batch_tokens=8192
     python bench/grpo_step.py --arch tiny --prompts 2 --G 2 --completion 8 --steps 1     # CPU smoke run
 
-The reference step (../shared/reference/PERF-FLOOR.md): 64 prompts x G=8 rollouts, one image per prompt at
+The reference step (bench/README.md): 64 prompts x G=8 rollouts, one image per prompt at
 512 visual tokens (896x448 px = 401408 = model.max_pixels), about 300 other prompt tokens, 256 completion
 tokens (fixed: ignore_eos), random rewards. What runs is what `suzak train` runs: `suzak serve` in a subprocess
 (vLLM, dummy weights for a weight-less folder), then GRPOLearner.push_weights() and GRPOLearner.step() for
@@ -51,7 +51,7 @@ FILLER = ("Count every object in the scene, including the small ones partly hidd
 
 for _key, _value in dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                          VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_USE_FLASHINFER_SAMPLER="0").items():
-    os.environ.setdefault(_key, _value)  # flashinfer is not shipped to the device (../shared/device-vllm)
+    os.environ.setdefault(_key, _value)  # the device's vLLM ships without flashinfer
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -489,7 +489,7 @@ def preflight(modules: list[str]) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise SuzakError(f"missing Python modules: {', '.join(missing)}. Install them, or put their wheels on "
-                         "PYTHONPATH as ../shared/device-vllm does for vLLM (bench/README.md)")
+                         "PYTHONPATH as bench/README.md describes for the device")
 
 
 RUN_TOKEN_ENV = "SUZAK_BENCH_RUN"

@@ -11,7 +11,7 @@ Benchmarks:
   the CoGenT condition is data.synth.split unless `--data A|B` (or the names clevr-synth-a / clevr-synth-b) pick one.
 - geo-synth: synthetic geometry problems from the held-out seed.
 The real benchmarks are files users download themselves; a missing file is a SuzakError that says where
-to get it and which layout suzak expects. Facts: ../shared/reference/R1V-FORMATS.md and SEED-FACTS.md.
+to get it and which layout suzak expects (the formats R1-V's own scripts read).
 """
 
 from __future__ import annotations

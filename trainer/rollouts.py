@@ -98,14 +98,14 @@ def generate_request(prompts: list[PreparedPrompt], *, n: int, temperature: floa
                                 seed=seed, ignore_eos=ignore_eos, logprobs=True))
 
 
-def collect_rollouts(prompts: list[PreparedPrompt], response: GenerateResponse, *, vision_token_ids: set[int],
-                     check_prompt_ids: bool = True) -> list[Rollout]:
+def collect_rollouts(prompts: list[PreparedPrompt], response: GenerateResponse, *,
+                     vision_token_ids: set[int]) -> list[Rollout]:
     """Flatten the server's answer into rollouts (group-major), verifying prompt ids and rejecting vision tokens."""
     if len(response.results) != len(prompts):
         raise SuzakError(f"server answered {len(response.results)} prompts for {len(prompts)} sent")
     rollouts = []
     for i, (prep, result) in enumerate(zip(prompts, response.results)):
-        if check_prompt_ids and result.prompt_token_ids and result.prompt_token_ids != prep.input_ids:
+        if result.prompt_token_ids and result.prompt_token_ids != prep.input_ids:
             raise SuzakError(
                 f"prompt {i}: the server tokenized the prompt differently from the learner "
                 f"({len(result.prompt_token_ids)} vs {len(prep.input_ids)} tokens). Image grids / mrope positions would "

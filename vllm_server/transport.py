@@ -398,10 +398,10 @@ class NCCLTransport(WeightTransport):
 
 
 def choose_transport(cfg: RunConfig, learner_device, server_info: wire.ModelInfo, *,
-                     out_dir: str | Path | None = None, folder: str | Path | None = None) -> WeightTransport:
+                     out_dir: str | Path | None = None) -> WeightTransport:
     """The transport for cfg.server.transport; auto: ipc on the server's GPU, nccl for another GPU, files on CPU.
 
-    Files go to `folder` (default <out_dir or cfg.out_dir>/weights_push), which the server must be able to read.
+    Files go to <out_dir or cfg.out_dir>/weights_push, which the server must be able to read.
     """
     import torch
 
@@ -432,4 +432,4 @@ def choose_transport(cfg: RunConfig, learner_device, server_info: wire.ModelInfo
         return IPCTransport(packed=False, bucket_mb=srv.bucket_mb)
     if mode == "nccl":
         return NCCLTransport(master_port=srv.nccl_port, bucket_mb=srv.bucket_mb, device=device)
-    return FilesTransport(folder or Path(out_dir or cfg.out_dir) / "weights_push", bucket_mb=srv.bucket_mb)
+    return FilesTransport(Path(out_dir or cfg.out_dir) / "weights_push", bucket_mb=srv.bucket_mb)

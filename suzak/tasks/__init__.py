@@ -5,7 +5,7 @@
     messages = task.messages(example, prompt="train")
 
 Tasks: clevr_count (CLEVR counting, trains and evaluates), superclevr (SuperCLEVR counting, eval only),
-geoqa (GeoQA-8K train, GeoQA test-754 eval). Prompts are R1-V's exactly (../shared/reference/R1V-FORMATS.md).
+geoqa (GeoQA-8K train, GeoQA test-754 eval). Prompts are R1-V's exactly (its src/eval and grpo scripts).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_arch_configs_have_the_public_shapes(arch, hub_id, params):
 
     cfg = make_arch.build_config(arch)
     text, vision = cfg.text_config, cfg.vision_config
-    # ../shared/reference/QWEN25VL-ARCH.md, and the public parameter totals.
+    # trainer/memory.py KNOWN_ARCHS (the hub config.json values), and the public parameter totals.
     assert _meta_param_count(cfg) == count_parameters(hub_id).total == params
     assert (text.vocab_size, cfg.tie_word_embeddings) == ((151936, True) if arch == "3b" else (152064, False))
     assert text.rope_parameters["mrope_section"] == [16, 24, 24]
