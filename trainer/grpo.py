@@ -11,7 +11,6 @@ accelerate) averages gradients; rank 0 pushes the weights.
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 import time
@@ -25,12 +24,10 @@ from suzak.errors import SuzakError
 from suzak.tasks import Example, Task
 from trainer import loss as grpo_loss
 from trainer.distributed import micro_batch_context
-from trainer.rollouts import (MicroBatch, PreparedPrompt, Rollout, SharedPrompts, build_micro_batch, collect_rollouts,
+from trainer.forward import PolicyLogps, completion_logps
+from trainer.rollouts import (MicroBatch, PreparedPrompt, Rollout, build_micro_batch, collect_rollouts,
                               cut_group_micro_batches, cut_micro_batches, generate_request, prepare_prompts,
                               vision_token_ids)
-
-LOGP_CHUNK = 1024
-
 
 class PromptSampler:
     """Epoch-wise shuffled prompt order; its state (epoch, position) is saved in checkpoints for exact resume."""
@@ -74,109 +71,6 @@ def release_cached_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-def split_backbone(model):
-    """(backbone, lm_head) of a (possibly DDP- and peft-wrapped) Qwen2.5-VL, so log-probs never need full-vocab logits."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):  # peft forwards attribute lookups, so unwrap explicitly
-        inner = inner.get_base_model()
-    if not hasattr(inner, "lm_head") or not hasattr(inner, "model"):
-        raise SuzakError(f"unsupported model class {type(model).__name__}: expected a Qwen2.5-VL with .model and .lm_head")
-    return inner.model, inner.lm_head
-
-
-def shared_image_embeds(backbone, mb: MicroBatch, input_ids: torch.Tensor,
-                        row_images: list[int] | None = None) -> torch.Tensor:
-    """Token embeddings with image features in place, each distinct image through the vision tower once.
-
-    The G rollouts of a group share their image: encoding it once per group instead of once per rollout cuts
-    the vision tower's work G-fold, and indexing the shared features keeps their gradient exact (it sums over
-    the rows, as G separate encodings would). The backbone then gets these embeddings and no pixels, and still
-    builds mrope positions from the ids and the rows' grids.
-    """
-    visual = backbone.visual
-    grids = mb.image_grid_thw.to(input_ids.device)
-    encoded = visual(mb.pixel_values.to(input_ids.device, visual.dtype), grid_thw=grids)
-    features = getattr(encoded, "pooler_output", encoded)  # transformers >= 5 returns an output object
-    per_image = torch.split(features, (grids.prod(-1) // visual.spatial_merge_size ** 2).tolist())
-    rows = torch.cat([per_image[i] for i in (mb.row_images if row_images is None else row_images)])
-    embeds = backbone.get_input_embeddings()(input_ids)
-    image_mask = (input_ids == backbone.config.image_token_id).unsqueeze(-1)
-    if int(image_mask.sum()) != rows.shape[0]:
-        raise SuzakError(f"{int(image_mask.sum())} image tokens in the micro-batch but {rows.shape[0]} image features: "
-                         "the prompt ids and the image grids disagree")
-    return embeds.masked_scatter(image_mask, rows.to(embeds.dtype))
-
-
-def shared_prompt_positions(backbone, shared: SharedPrompts, grids: torch.Tensor, device) -> torch.Tensor:
-    """[3, groups, W] mrope positions of the shared layout: the prompts' own, then each completion continuing from
-    its prompt's last position, exactly as in the completion's own row."""
-    longest = max(shared.prompt_lengths)
-    prompt_ids = shared.input_ids[:, :longest].to(device)
-    lengths = torch.tensor(shared.prompt_lengths, device=device)
-    prompt_mask = (torch.arange(longest, device=device)[None] < lengths[:, None]).long()
-    kwargs = {"image_grid_thw": grids, "attention_mask": prompt_mask}
-    if shared.mm_token_type_ids is not None and "mm_token_type_ids" in inspect.signature(backbone.get_rope_index).parameters:
-        kwargs["mm_token_type_ids"] = shared.mm_token_type_ids[:, :longest].to(device)
-    prompt_pos = backbone.get_rope_index(prompt_ids, **kwargs)[0].to(device)  # [3, groups, longest]
-    last = prompt_pos.gather(2, (lengths - 1).view(1, -1, 1).expand(3, -1, 1))  # [3, groups, 1]
-    seg = shared.segments.to(device)[None]
-    continued = last + shared.completion_offsets.to(device)[None]
-    prompt_part = torch.nn.functional.pad(prompt_pos, (0, seg.shape[-1] - longest))
-    return torch.where(seg == 0, prompt_part, continued).masked_fill(seg < 0, 0)
-
-
-def _shared_hidden(backbone, mb: MicroBatch, device) -> torch.Tensor:
-    """Hidden states of the shared layout, flattened to [groups * W, H]."""
-    shared = mb.shared
-    input_ids = shared.input_ids.to(device)
-    embeds = shared_image_embeds(backbone, mb, input_ids, row_images=list(range(mb.image_grid_thw.shape[0])))
-    positions = shared_prompt_positions(backbone, shared, mb.image_grid_thw.to(device), device)
-    out = backbone(inputs_embeds=embeds, position_ids=positions,
-                   attention_mask=shared.attention_bias(embeds.dtype, device))
-    return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
-
-
-def completion_logps(model, mb: MicroBatch, temperature: float, device) -> torch.Tensor:
-    """Per-position log-probs [B, T-1] of the next token under softmax(logits / T), non-zero only on completion tokens."""
-    backbone, head = split_backbone(model)
-    if mb.shared is not None:
-        hidden = _shared_hidden(backbone, mb, device)
-        flat_dest = mb.shared.dest.to(device)
-        rows = hidden[mb.shared.source.to(device)]
-        targets = mb.targets.to(device).reshape(-1)[flat_dest]
-    else:
-        hidden = _unshared_hidden(backbone, mb, device)
-        mask = mb.completion_mask.to(device) > 0
-        flat_dest = mask.reshape(-1).nonzero().squeeze(1)
-        rows = hidden[mask]
-        targets = mb.targets.to(device)[mask]
-    result = torch.zeros(mb.completion_mask.numel(), dtype=torch.float32, device=device)
-    if rows.shape[0] == 0:  # keeps the graph connected so DDP's all-reduce still runs
-        return (result + hidden.sum() * 0.0).view(mb.completion_mask.shape)
-    if isinstance(head, torch.nn.Linear):
-        # The head runs on completion positions only, chunked, and is recomputed in backward:
-        # [tokens, vocab] logits never exist for the whole batch, not even saved for autograd.
-        logps = grpo_loss.per_token_logps_from_hidden(rows, head.weight, targets, temperature, chunk=LOGP_CHUNK,
-                                                      bias=head.bias)
-    else:  # a LoRA-wrapped head: plain chunked path
-        logps = torch.cat([grpo_loss.selective_log_softmax(head(rows[s:s + LOGP_CHUNK]), targets[s:s + LOGP_CHUNK],
-                                                           temperature) for s in range(0, rows.shape[0], LOGP_CHUNK)])
-    return result.index_copy(0, flat_dest, logps.float()).view(mb.completion_mask.shape)
-
-
-def _unshared_hidden(backbone, mb: MicroBatch, device) -> torch.Tensor:
-    """Hidden states [B, T-1, H] of the rows as they are (one row per rollout)."""
-    extra = {} if mb.mm_token_type_ids is None else {"mm_token_type_ids": mb.mm_token_type_ids.to(device)}
-    input_ids = mb.input_ids.to(device)
-    if not mb.row_images:
-        out = backbone(input_ids=input_ids, attention_mask=mb.attention_mask.to(device),
-                       pixel_values=mb.pixel_values.to(device), image_grid_thw=mb.image_grid_thw.to(device), **extra)
-    else:
-        out = backbone(input_ids=input_ids, inputs_embeds=shared_image_embeds(backbone, mb, input_ids),
-                       attention_mask=mb.attention_mask.to(device), image_grid_thw=mb.row_grid_thw.to(device), **extra)
-    return out.last_hidden_state[:, :-1]
-
-
 def keep_informative_groups(rollouts: list[Rollout], prompts: list[PreparedPrompt],
                             count: int) -> tuple[list[Rollout], list[PreparedPrompt], float]:
     """`count` groups, those whose rewards differ first (in generation order), then zero-variance ones to fill.
@@ -198,21 +92,6 @@ def keep_informative_groups(rollouts: list[Rollout], prompts: list[PreparedPromp
             r.prompt_index = new_index[p]
             kept_rollouts.append(r)
     return kept_rollouts, [prompts[p] for p in kept], len(informative) / max(1, len(groups))
-
-
-class PolicyLogps(torch.nn.Module):
-    """The policy as one module whose forward returns completion log-probs.
-
-    accelerate wraps *this* module (DDP / DeepSpeed / FSDP), so the forward goes through the wrapper and gradient
-    synchronisation happens, while the log-probs still skip full-vocabulary logits.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, mb: MicroBatch, temperature: float) -> torch.Tensor:
-        return completion_logps(self.model, mb, temperature, next(self.model.parameters()).device)
 
 
 def learner_cpu_threads(cfg: RunConfig) -> int:

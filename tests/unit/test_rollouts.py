@@ -17,7 +17,7 @@ from suzak.config import SynthConfig
 from suzak.models import load_model, load_processor
 from suzak.tasks import get_task
 from suzak.tasks.sources import synth_examples
-from trainer.grpo import completion_logps
+from trainer.forward import completion_logps
 from trainer.rollouts import (MicroBatch, Rollout, build_micro_batch, cut_group_micro_batches, cut_micro_batches,
                               prepare_prompt)
 
