@@ -243,26 +243,10 @@ class TokenCountingClient:
         return resp
 
 
-def _synced_timer_class():
-    from trainer import monitor
-
-    class SyncedTimer(monitor.Timer):
-        def __init__(self, cuda_sync: bool = True):
-            super().__init__(cuda_sync=True)
-
-    return SyncedTimer
-
-
 def build_learner(cfg, task, examples, client, out_dir: Path):
-    """GRPOLearner whose frozen log-prob passes (reference / old policy) are timed on their own."""
-    import trainer.grpo as grpo
-    from trainer import monitor
+    """GRPOLearner whose phases are CUDA-synchronised and whose frozen log-prob passes (reference / old policy) are
+    timed on their own."""
     from trainer.grpo import GRPOLearner
-
-    synced = _synced_timer_class()
-    monitor.Timer = synced  # step() imports Timer from trainer.monitor when it runs
-    if hasattr(grpo, "Timer"):  # or from its own module namespace, should that import move to the top
-        grpo.Timer = synced
 
     class BenchLearner(GRPOLearner):
         logprob_seconds = 0.0
@@ -275,7 +259,7 @@ def build_learner(cfg, task, examples, client, out_dir: Path):
             self.logprob_seconds += time.perf_counter() - start
             return out
 
-    return BenchLearner(cfg, task, examples, client, out_dir)
+    return BenchLearner(cfg, task, examples, client, out_dir, sync_phases=True)
 
 
 def _cuda_sync() -> None:

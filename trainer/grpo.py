@@ -108,7 +108,8 @@ class GRPOLearner:
     """Owns the policy, the optimizer, the client and the transport for the GRPO stage."""
 
     def __init__(self, cfg: RunConfig, task: Task, examples: list[Example], client, out_dir: Path,
-                 eval_hook=None):
+                 eval_hook=None, *, sync_phases: bool = False):
+        """sync_phases: each phase of a step waits for its queued GPU work, so its time is its own (benchmarks)."""
         from trainer.checkpoint import CheckpointManager
         from trainer.distributed import make_accelerator
         from trainer.memory import learner_device, resolve_offload
@@ -119,6 +120,7 @@ class GRPOLearner:
         self.cfg, self.task, self.examples, self.client = cfg, task, examples, client
         self.out_dir = Path(out_dir)
         self.eval_hook = eval_hook
+        self.sync_phases = sync_phases
         self.acc = make_accelerator(cfg)
         self.device = self.acc.device
         torch.manual_seed(cfg.seed + self.acc.process_index)
@@ -348,7 +350,7 @@ class GRPOLearner:
         from trainer.monitor import Timer
 
         g = self.cfg.grpo
-        timer = Timer()
+        timer = Timer(cuda_sync=self.sync_phases)
         per_rank = max(1, g.prompts_per_step // self.acc.num_processes)
         count = math.ceil(per_rank * g.oversample)
         with timer("prepare"):
