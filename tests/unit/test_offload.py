@@ -44,13 +44,17 @@ def _flat(params) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1) for p in params])
 
 
-def test_plain_bf16_loses_small_updates_and_host_adamw_tracks_fp32():
-    batches = _batches(STEPS)
+def _fp32_run(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starting weights, accumulated update) of plain fp32 AdamW at LR: the reference the schemes are held to."""
     start = _flat(_mlp(torch.float32).parameters())
-
     reference = _mlp(torch.float32)
     _train(reference, torch.optim.AdamW(reference.parameters(), lr=LR, weight_decay=0.0), batches, torch.float32)
-    moved = _flat(reference.parameters()) - start
+    return start, _flat(reference.parameters()) - start
+
+
+def test_plain_bf16_loses_small_updates_and_host_adamw_tracks_fp32():
+    batches = _batches(STEPS)
+    start, moved = _fp32_run(batches)
     assert moved.abs().mean() > 0.2 * LR * STEPS  # Adam moves each weight by up to lr a step
 
     plain = _mlp(torch.float32).to(torch.bfloat16)
@@ -152,10 +156,7 @@ def test_bf16_first_moment_still_tracks_fp32_and_the_host_budget_picks_it():
     from trainer.offload import host_bytes_needed, pick_momentum_dtype
 
     batches = _batches(STEPS)
-    start = _flat(_mlp(torch.float32).parameters())
-    reference = _mlp(torch.float32)
-    _train(reference, torch.optim.AdamW(reference.parameters(), lr=LR, weight_decay=0.0), batches, torch.float32)
-    moved = _flat(reference.parameters()) - start
+    start, moved = _fp32_run(batches)
     model = _mlp(torch.bfloat16)
     optimizer = HostAdamW(model, lr=LR, weight_decay=0.0, bucket_bytes=4096, momentum_dtype=torch.bfloat16)
     _train(model, optimizer, batches, torch.bfloat16)

@@ -77,6 +77,21 @@ def test_data_order_matches_across_process_counts():
     assert sft_total_steps(cfg.sft, 10, world_size=1) == 4 and sft_total_steps(cfg.sft, 10, world_size=2) == 2
 
 
+def crash_at(step: int, run, monkeypatch) -> None:
+    """Run `run` with the monitor raising when it logs `step` (a crash after step - 1's checkpoint)."""
+    original = Monitor.log
+
+    def crashing(self, at, metrics):
+        if at == step:
+            raise RuntimeError("simulated crash")
+        return original(self, at, metrics)
+
+    monkeypatch.setattr(Monitor, "log", crashing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run()
+    monkeypatch.setattr(Monitor, "log", original)
+
+
 def test_loss_goes_down_and_export(tiny, tmp_path):
     out = tmp_path / "run"
     final = run_sft(config(tiny, out, "sft.max_steps=6"), examples(), TASK, out)
@@ -96,17 +111,7 @@ def test_resume_matches_uninterrupted(tiny, tmp_path, monkeypatch):
     expected = losses(full_out)
 
     out = tmp_path / "crashed"
-    original = Monitor.log
-
-    def crash_at_step_2(self, step, metrics):
-        if step == 2:
-            raise RuntimeError("simulated crash")
-        return original(self, step, metrics)
-
-    monkeypatch.setattr(Monitor, "log", crash_at_step_2)
-    with pytest.raises(RuntimeError, match="simulated"):
-        run_sft(config(tiny, out, *lora), examples(), TASK, out)
-    monkeypatch.setattr(Monitor, "log", original)
+    crash_at(2, lambda: run_sft(config(tiny, out, *lora), examples(), TASK, out), monkeypatch)
     assert [p.name for p in (out / "sft" / "checkpoints").iterdir()] == ["step-000001"]
 
     run_sft(config(tiny, out, *lora), examples(), TASK, out)
@@ -155,17 +160,7 @@ def test_offloaded_sft_matches_resident_and_resumes_exactly(tiny, tmp_path, monk
     assert "masters" in state and len(state["masters"]) > 0
 
     out = tmp_path / "crashed"
-    original = Monitor.log
-
-    def crash_at_step_3(self, step, metrics):
-        if step == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, step, metrics)
-
-    monkeypatch.setattr(Monitor, "log", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated"):
-        run_sft(config(tiny, out, *steps, "sft.optim.offload=cpu"), examples(), TASK, out)
-    monkeypatch.setattr(Monitor, "log", original)
+    crash_at(3, lambda: run_sft(config(tiny, out, *steps, "sft.optim.offload=cpu"), examples(), TASK, out), monkeypatch)
     run_sft(config(tiny, out, *steps, "sft.optim.offload=cpu"), examples(), TASK, out)
     for step in (3, 4):
         assert losses(out)[step] == pytest.approx(offloaded[step], abs=1e-6)
