@@ -232,7 +232,10 @@ def connect(url: str, cfg):
     """A RolloutClient to a running server, waiting until it is ready (SUZAK_SERVER_TOKEN authorizes admin routes)."""
     from vllm_server.client import RolloutClient
 
-    client = RolloutClient(url, token=os.environ.get("SUZAK_SERVER_TOKEN"), timeout=cfg.server.request_timeout_s)
+    client = RolloutClient.for_config(url, cfg, token=os.environ.get("SUZAK_SERVER_TOKEN"))
+    if not client.health():  # `--server URL` names a running server: say so now rather than wait in silence
+        raise SuzakError(f"no rollout server answers at {url}: start one (`suzak serve --config ...`) or check "
+                         "--server / server.url")
     client.wait_ready(cfg.server.startup_timeout_s)
     return client
 
@@ -276,6 +279,7 @@ def main(args, cfg) -> int:
     bench = get_benchmark(args.benchmark)
     _apply_args(args, cfg, bench)
     out = Path(getattr(args, "out", None) or default_out_dir(bench.name))
+    check_eval_out(out, getattr(args, "rescore", None))
     console.print(f"suzak eval {bench.name}: outputs go to [bold]{out}[/bold]")
     if getattr(args, "rescore", None):
         records, summary = rescore(args.rescore, bench, cfg.eval.scoring, prompt=cfg.eval.prompt)
@@ -289,6 +293,37 @@ def main(args, cfg) -> int:
     print_table(summary, bench.references, console=console)
     console.print(f"wrote {paths['predictions']}, {paths['summary'].name}, {paths['report'].name}, config.yaml")
     return 0
+
+
+OUTPUT_FILES = ("predictions.jsonl", "summary.json", "report.html", "config.yaml")
+
+
+def check_eval_out(out: Path, rescore: str | None = None) -> None:
+    """Refuse an --out that would destroy something: the file --rescore reads (or its folder, whose summary.json
+    it reads too), a training run's folder, a file where a folder belongs, or a folder where a file belongs."""
+    if out.exists() and not out.is_dir():
+        raise SuzakError(f"--out {out} is a file: give a folder (it is created when missing)")
+    for name in OUTPUT_FILES + ("predictions.jsonl.tmp", "summary.json.tmp"):
+        if (out / name).is_dir():
+            raise SuzakError(f"{out / name} is a folder, where `suzak eval` writes its {name}: choose another --out")
+    for name in ("images", "server"):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise SuzakError(f"{out / name} is a file, where `suzak eval` keeps its {name}/ folder: choose another "
+                             "--out")
+    if any((out / name).exists() for name in ("sft", "grpo", "sft_metrics.jsonl", "grpo_metrics.jsonl")):
+        raise SuzakError(f"--out {out} is a training run's folder (it has sft/, grpo/ or *_metrics.jsonl); the "
+                         "evaluation would write over its config.yaml and summary.json: choose another --out")
+    if rescore:
+        source = Path(rescore).expanduser()
+        try:
+            same_folder = out.resolve() == source.resolve().parent
+            same_file = any((out / name).resolve() == source.resolve() for name in OUTPUT_FILES)
+        except (OSError, RuntimeError):
+            same_folder = same_file = False
+        if same_folder or same_file:
+            raise SuzakError(f"--out {out} would overwrite {source} (and the summary.json beside it) that --rescore "
+                             "reads: choose another --out, e.g. " + str(source.parent.with_name(
+                                 source.parent.name + "-rescored")))
 
 
 def _run_model(bench: Benchmark, data: str | None, cfg, out: Path, console) -> tuple[list[dict], dict, dict]:

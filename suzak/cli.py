@@ -60,8 +60,8 @@ def _job(name: str):
     return found[0].load()
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML config in configs/ (default: the embedded tiny recipe)")
+def _config_args(p: argparse.ArgumentParser, default: str = "the embedded tiny recipe") -> None:
+    p.add_argument("--config", "-c", help=f"YAML config in configs/ (default: {default})")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.num_generations=4 model.max_pixels=200704")
 
 
@@ -104,8 +104,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.kind == "clevr":
         kw.update(min_objects=args.min_objects, max_objects=args.max_objects)
     if args.image_size:
-        w, h = (int(x) for x in args.image_size.lower().split("x"))
-        kw["image_size"] = (w, h)
+        kw["image_size"] = _image_size(args.image_size)
     fmt = args.format or ("hf")
     out = write_dataset(args.kind, args.n, args.seed, Path(args.out), fmt, split=args.split,
                         preview=Path(args.preview) if args.preview else None, workers=args.workers, **kw)
@@ -113,10 +112,28 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    """'480x320' -> (480, 320); anything else is a SuzakError saying what is expected."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        w, h = (int(x) for x in parts)
+    except ValueError:
+        raise SuzakError(f"--image-size {text!r} must look like WIDTHxHEIGHT in pixels, e.g. 480x320") from None
+    if w < 28 or h < 28:
+        raise SuzakError(f"--image-size {text!r}: width and height must be at least 28 pixels")
+    return w, h
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     from suzak.tiny import build_tiny_model
 
-    out = build_tiny_model(Path(args.out), seed=args.seed)
+    target = Path(args.out)
+    if target.exists() and not target.is_dir():
+        raise SuzakError(f"--out {target} is a file; the tiny model is a folder: give a new or existing folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        raise SuzakError(f"--out {target} is a folder holding other files; give an empty or new folder (or an "
+                         "earlier tiny model's folder, which is rebuilt)")
+    out = build_tiny_model(target, seed=args.seed)
     print(f"tiny Qwen2.5-VL written to {out}")
     return 0
 
@@ -152,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("serve", help="start the vLLM rollout server")
-    _config_args(p)
+    _config_args(p, "the built-in defaults, `suzak config --explain`")
     p.add_argument("--model", help="model folder or hub id (overrides model.name_or_path)")
     p.set_defaults(func=cmd_serve)
 
@@ -166,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scoring", choices=["r1v", "strict"], help="scoring rules (default r1v)")
     p.add_argument("--prompt", choices=["eval", "train"], help="prompt template (default: R1-V's eval prompt)")
     p.add_argument("--limit", type=int, help="evaluate at most this many problems")
-    _config_args(p)
+    _config_args(p, "the built-in defaults, `suzak config --explain`")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="synthetic data")

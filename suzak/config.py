@@ -254,7 +254,7 @@ class ServerConfig(Section):
     """How long the learner waits for a local server to become ready."""
     request_timeout_s: float = Field(1800.0, gt=0)
     """HTTP timeout of one generate call."""
-    weights_timeout_s: float = Field(600.0, gt=0)
+    weights_timeout_s: float = Field(300.0, gt=0)
     """HTTP timeout of one weight push (and of the other admin calls: transport set-up, sleep, wake)."""
     max_request_mb: float = Field(128.0, gt=0)
     """Largest request body the server reads; larger ones get a 413 before they are parsed."""

@@ -10,6 +10,8 @@ The budget follows Qwen2.5-VL's own rule (qwen-vl-utils' smart_resize, factor 28
 both sides a multiple of 28, area within [min_pixels, max_pixels], aspect ratio kept. An image already at
 that size passes through the model's processor unchanged, so what the learner encodes is what vLLM sees.
 Imports PIL only (qwen-vl-utils, which pulls in torch, is imported on first resize); no vLLM here.
+The rollout server loads with an `ImagePolicy`: size read from the header and checked before decoding, a byte
+cap, allowed folders and URLs, and one error for every path it will not open.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import base64
 import binascii
 import io
 import math
+import os
+import stat
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,43 +48,103 @@ def describe_ref(ref: str, limit: int = 80) -> str:
     return ref if len(ref) <= limit else ref[:limit] + "..."
 
 
-def _decode(raw: bytes, source: str, field: str | None) -> Image.Image:
-    from PIL import Image, UnidentifiedImageError
+SERVER_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+"""Formats the rollout server decodes (PIL's other plugins, some of which call external tools, stay off)."""
 
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """What a loader may open and how large, for images named by someone else (the rollout server's clients).
+
+    roots: folders local paths must resolve into (symlinks followed first); None: any path; (): no paths.
+    allow_urls: fetch http(s) URLs (no redirects followed). max_bytes: cap on an image's encoded size.
+    max_pixels: width x height, read from the header and refused before decoding.
+    """
+
+    roots: tuple[str, ...] | None = None
+    allow_urls: bool = True
+    max_bytes: int = 64 << 20
+    max_pixels: int | None = None
+    formats: tuple[str, ...] | None = SERVER_FORMATS
+
+
+def _too_many_pixels(width: int, height: int, max_pixels: int, field: str | None) -> SuzakError:
+    return SuzakError(
+        f"image{_where(field)} has {width}x{height} = {width * height} pixels, over the server's max_pixels "
+        f"{max_pixels}: resize it first (RolloutClient.prepare_images / suzak.images.resize_to_budget "
+        "does it) or start the server with a larger model.max_pixels")
+
+
+def _decode(fp, source: str, field: str | None, policy: ImagePolicy | None = None,
+            unavailable: SuzakError | None = None) -> Image.Image:
+    """Open lazily, check the header's size against the policy, then decode; every failure is a SuzakError.
+
+    unavailable: the error to raise instead of a decoding error (the server's uniform answer for paths)."""
+    from PIL import Image
+
+    max_pixels = policy.max_pixels if policy else None
     try:
-        img = Image.open(io.BytesIO(raw))
+        img = Image.open(fp, formats=list(policy.formats) if policy and policy.formats else None)
+    except Image.DecompressionBombError as e:
+        if max_pixels is not None:
+            raise SuzakError(f"image{_where(field)} is over the server's max_pixels {max_pixels} ({e}): resize it "
+                             "first (RolloutClient.prepare_images / suzak.images.resize_to_budget does it)") from None
+        raise SuzakError(f"image {source}{_where(field)} is too large to open safely ({e})") from None
+    except Exception as e:  # PIL raises many types for a bad file (OSError, SyntaxError, struct.error ...)
+        raise unavailable or SuzakError(f"cannot decode image {source}{_where(field)}: {e}; give a PNG/JPEG/WebP "
+                                        "file") from None
+    if max_pixels is not None and img.width * img.height > max_pixels:
+        raise _too_many_pixels(img.width, img.height, max_pixels, field)
+    try:
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise SuzakError(f"cannot decode image {source}{_where(field)}: {e}; give a PNG/JPEG/WebP file") from None
+    except Exception as e:
+        raise unavailable or SuzakError(f"cannot decode image {source}{_where(field)}: {e}; give a PNG/JPEG/WebP "
+                                        "file") from None
     return img
 
 
-def _read_data_url(ref: str, field: str | None) -> bytes:
+def _read_data_url(ref: str, field: str | None, max_bytes: int | None = None) -> bytes:
     header, sep, data = ref.partition(",")
     if not sep or ";base64" not in header:
         raise SuzakError(f"image data URL {describe_ref(ref)}{_where(field)} must look like "
                          "'data:image/png;base64,<base64 bytes>'")
+    if max_bytes is not None and len(data) * 3 // 4 > max_bytes:
+        raise SuzakError(f"image data URL{_where(field)} holds about {len(data) * 3 // 4} bytes, over the server's "
+                         f"limit of {max_bytes} per image")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
         raise SuzakError(f"image data URL{_where(field)} holds invalid base64: {e}") from None
 
 
-def _read_http(ref: str, field: str | None, timeout_s: float) -> bytes:
+def _read_http(ref: str, field: str | None, timeout_s: float, max_bytes: int | None = None,
+               follow_redirects: bool = True) -> bytes:
     import httpx
 
     try:
-        resp = httpx.get(ref, timeout=timeout_s, follow_redirects=True)
+        with httpx.stream("GET", ref, timeout=timeout_s, follow_redirects=follow_redirects) as resp:
+            if resp.status_code != 200:
+                raise SuzakError(f"cannot download image {ref}{_where(field)}: HTTP {resp.status_code}"
+                                 + (" (redirects are not followed)" if resp.is_redirect and not follow_redirects
+                                    else ""))
+            chunks, size = [], 0
+            for chunk in resp.iter_bytes():
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise SuzakError(f"image {ref}{_where(field)} is over the limit of {max_bytes} bytes per image")
+                chunks.append(chunk)
+            return b"".join(chunks)
     except httpx.HTTPError as e:
         raise SuzakError(f"cannot download image {ref}{_where(field)}: {e}") from None
-    if resp.status_code != 200:
-        raise SuzakError(f"cannot download image {ref}{_where(field)}: HTTP {resp.status_code}")
-    return resp.content
 
 
 def _read_file(ref: str, field: str | None) -> bytes:
     path = Path(ref.removeprefix("file://")).expanduser()
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except (OSError, RuntimeError):
+        is_file = False
+    if not is_file:
         hint = "it is a folder" if path.is_dir() else "no such file"
         raise SuzakError(f"image file not found: {path}{_where(field)} ({hint}); paths are read on the "
                          "server's machine: send the image as a data: URL (suzak.images.encode_image_data_url) "
@@ -90,22 +155,79 @@ def _read_file(ref: str, field: str | None) -> bytes:
         raise SuzakError(f"cannot read image file {path}{_where(field)}: {e}") from None
 
 
-def load_image(ref: str, *, field: str | None = None, timeout_s: float = HTTP_TIMEOUT_S) -> Image.Image:
+def _unavailable(ref: str, field: str | None, policy: ImagePolicy) -> SuzakError:
+    """The server's one answer for a path it will not open: missing, outside the roots, unreadable or not an image
+    all read the same, so a client cannot probe which files exist."""
+    where = ("under the server's allowed image roots (server.allowed_image_roots)" if policy.roots
+             else "(this server opens no local paths: server.allowed_image_roots is empty)"
+             if policy.roots is not None else "")
+    return SuzakError(f"image file not found: {describe_ref(ref, 300)}{_where(field)}: no readable image file at this "
+                      f"path {where}".rstrip() + "; paths are read on the server's machine: send the image as a "
+                      "data: URL (suzak.images.encode_image_data_url) when the server runs elsewhere")
+
+
+def _inside(path: Path, roots: tuple[str, ...]) -> bool:
+    for root in roots:
+        try:
+            path.relative_to(os.path.realpath(os.path.expanduser(root)))
+            return True
+        except ValueError:
+            continue
+    return False
+
+
+def _open_path(ref: str, field: str | None, policy: ImagePolicy) -> Image.Image:
+    """A local path under the policy: resolved (symlinks followed) into an allowed root, a regular file under the
+    byte cap, a known image format; anything else is the same `_unavailable` error."""
+    unavailable = _unavailable(ref, field, policy)
+    if policy.roots is not None and not policy.roots:
+        raise unavailable
+    try:
+        path = Path(os.path.realpath(Path(ref.removeprefix("file://")).expanduser(), strict=True))
+        if policy.roots is not None and not _inside(path, policy.roots):
+            raise unavailable
+        st = path.stat()
+    except (OSError, RuntimeError, ValueError):
+        raise unavailable from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > policy.max_bytes:
+        raise unavailable
+    try:
+        fh = open(path, "rb")
+    except OSError:
+        raise unavailable from None
+    with fh:
+        return _decode(fh, ref, field, policy, unavailable=unavailable)
+
+
+def load_image(ref: str, *, field: str | None = None, timeout_s: float = HTTP_TIMEOUT_S,
+               policy: ImagePolicy | None = None) -> Image.Image:
     """Open an image given by local path (or file://), http(s) URL or base64 data: URL, as RGB.
 
     `field` names where the reference came from (e.g. 'prompts.0.messages.0.content.1.image'), so the
-    error says which image of a request is broken.
+    error says which image of a request is broken. `policy` (the rollout server's) limits what is opened and
+    checks the pixel count from the header before decoding; without it any path or URL is opened.
     """
     if not isinstance(ref, str) or not ref.strip():
         raise SuzakError(f"image reference{_where(field)} is empty: give a path, an http(s) URL or a data: URL")
     ref = ref.strip()
     if ref.startswith("data:"):
-        raw, source = _read_data_url(ref, field), "data URL"
+        raw = _read_data_url(ref, field, policy.max_bytes if policy else None)
+        img = _decode(io.BytesIO(raw), "data URL", field, policy)
     elif ref.startswith(("http://", "https://")):
-        raw, source = _read_http(ref, field, timeout_s), ref
+        if policy is not None and not policy.allow_urls:
+            raise SuzakError(f"image URLs are off on this server (server.allow_image_urls){_where(field)}: send the "
+                             "image as a data: URL (suzak.images.encode_image_data_url)")
+        raw = _read_http(ref, field, timeout_s, policy.max_bytes if policy else None,
+                         follow_redirects=policy is None)
+        img = _decode(io.BytesIO(raw), ref, field, policy)
+    elif policy is not None:
+        img = _open_path(ref, field, policy)
     else:
-        raw, source = _read_file(ref, field), ref
-    return to_rgb(_decode(raw, source, field))
+        img = _decode(io.BytesIO(_read_file(ref, field)), ref, field)
+    try:
+        return to_rgb(img)
+    except Exception as e:
+        raise SuzakError(f"cannot convert image {describe_ref(ref)}{_where(field)} to RGB: {e}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -185,9 +307,5 @@ def encode_image_data_url(img: Image.Image, fmt: str = "PNG") -> str:
 
 def check_pixels(img: Image.Image, max_pixels: int, field: str | None = None) -> None:
     """The server refuses images over its budget instead of silently shrinking them differently from the learner."""
-    pixels = img.width * img.height
-    if pixels > max_pixels:
-        raise SuzakError(
-            f"image{_where(field)} has {img.width}x{img.height} = {pixels} pixels, over the server's max_pixels "
-            f"{max_pixels}: resize it first (RolloutClient.prepare_images / suzak.images.resize_to_budget "
-            "does it) or start the server with a larger model.max_pixels")
+    if img.width * img.height > max_pixels:
+        raise _too_many_pixels(img.width, img.height, max_pixels, field)

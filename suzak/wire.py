@@ -98,6 +98,8 @@ class ModelInfo(Wire):
     gpu_uuids: list[str] = []
     """NVML UUIDs of the server's GPUs; the learner picks the ipc transport only when it sits on one of them."""
     max_images_per_prompt: int = 4
+    max_request_bytes: int | None = None
+    """Largest request body the server reads (server.max_request_mb); larger ones get a 413."""
 
 
 class WeightUpdateRequest(Wire):

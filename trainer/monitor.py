@@ -171,6 +171,15 @@ class Timer:
         self.totals.clear()
 
 
+def aside_name(path: Path, stem: str, suffix: str = "") -> Path:
+    """A name beside `path` that is not taken yet: stem + suffix, else stem-2 + suffix, ..."""
+    candidate, n = path.with_name(stem + suffix), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{stem}-{n}{suffix}")
+    return candidate
+
+
 class Monitor:
     """Per-stage metrics sink; a no-op on processes other than the main one."""
 
@@ -219,16 +228,25 @@ class Monitor:
                           dir=str(self.out_dir), config=clean_metrics(flatten(config or {})), group=self.out_dir.name)
 
     def _drop_stale_lines(self, step: int) -> None:
-        """After a resume, lines logged past the checkpoint by the crashed run are replaced by the new ones."""
+        """After a resume, lines logged past the checkpoint by the crashed run are replaced by the new ones; the
+        file as it was is first kept aside (<stage>_metrics.replaced-<time>.jsonl), so no line is ever lost."""
         if not self.path.is_file():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
+        kept, dropped = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
                 if json.loads(line).get("step", -1) < step:
                     kept.append(line)
-            except ValueError:
-                continue  # a line cut by the crash
+                    continue
+            except (ValueError, AttributeError):
+                pass  # a line cut by the crash
+            dropped += 1
+        if not dropped:
+            return
+        aside = aside_name(self.path, f"{self.stage}_metrics.replaced-{time.strftime('%Y%m%d-%H%M%S')}", ".jsonl")
+        os.replace(self.path, aside)
+        print(f"[{self.stage}] {dropped} metrics line(s) from step {step} on are logged again; the previous "
+              f"{self.path.name} is kept as {aside.name}", flush=True)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(k + "\n" for k in kept))
         os.replace(tmp, self.path)

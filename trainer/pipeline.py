@@ -5,7 +5,9 @@
     suzak train --stages grpo,eval                # only some stages (finished stages are skipped anyway)
 
 Every stage leaves its result in the output folder and is skipped when that result exists, so rerunning the
-same command resumes where it stopped; SFT and GRPO also resume mid-stage from their checkpoints.
+same command resumes where it stopped; SFT and GRPO also resume mid-stage from their checkpoints. --no-resume
+(checkpoint.resume=false) moves the earlier outputs into out_dir/previous-<time>/ and starts over. A local rollout
+server that dies during GRPO is restarted and given the current weights.
 Outputs: config.yaml, sft/final, grpo/final, *_metrics.jsonl, eval/*.json, summary.json, report.html.
 """
 
@@ -85,14 +87,13 @@ def _start_server(cfg: RunConfig, model_path: str, out: Path, early=None):
     from vllm_server.client import RolloutClient, start_local_server, wait_local_server
 
     if cfg.server.url:
-        client = RolloutClient(cfg.server.url, token=os.environ.get("SUZAK_SERVER_TOKEN"),
-                               timeout=cfg.server.request_timeout_s)
+        client = RolloutClient.for_config(cfg.server.url, cfg, token=os.environ.get("SUZAK_SERVER_TOKEN"))
         client.wait_ready(cfg.server.startup_timeout_s)
         return None, client
     if early is not None:
         process, url = early
         wait_local_server(process, url, cfg.server.startup_timeout_s, out / "server.log")
-        client = RolloutClient(url, timeout=cfg.server.request_timeout_s)
+        client = RolloutClient.for_config(url, cfg)
         _log(f"server: loading {model_path} into the server started during SFT")
         _ensure_server_has(client, cfg, Path(model_path), version=0)
         return process, client
@@ -100,7 +101,7 @@ def _start_server(cfg: RunConfig, model_path: str, out: Path, early=None):
     server_cfg.model.name_or_path = model_path
     _log(f"server: starting a local {cfg.server.engine} server on {model_path} (log: {out / 'server.log'})")
     process, url = start_local_server(server_cfg, out / "server.log")
-    client = RolloutClient(url, timeout=cfg.server.request_timeout_s)
+    client = RolloutClient.for_config(url, cfg)
     return process, client
 
 
@@ -179,7 +180,7 @@ def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, o
                                   eval_hook=_eval_hook(cfg, sets) if cfg.eval.every_steps else None)
             monitor = Monitor(out, cfg.logging, cfg.grpo.steps, "grpo")
             try:
-                learner.run(monitor)
+                process, client = _run_learner(learner, monitor, cfg, model_path, out, process, client)
             finally:
                 monitor.close()
             learner.export(final)
@@ -194,6 +195,59 @@ def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, o
 
             stop_local_server(process)
     return results
+
+
+MAX_SERVER_RESTARTS = 2
+
+
+def _run_learner(learner, monitor, cfg: RunConfig, model_path: str, out: Path, process, client):
+    """learner.run, restarting a local server that died under it (up to MAX_SERVER_RESTARTS times).
+
+    The learner keeps its state: the new server gets the current weights pushed as the current policy version
+    and GRPO goes on from the step it was at (the prompts drawn for the step that failed are skipped). A remote
+    server (server.url), or one that is still up, leaves the error as it was."""
+    from vllm_server.client import stop_local_server
+
+    restarts = 0
+    while True:
+        try:
+            learner.run(monitor)
+            return process, client
+        except SuzakError as e:
+            code = _server_exit_code(process, client)
+            if code is None:
+                raise
+            where = f"the local rollout server stopped (exit code {code}; log: {out / 'server.log'})"
+            if restarts >= MAX_SERVER_RESTARTS or cfg.server.sleep_during_update:
+                raise SuzakError(f"{where} at GRPO step {learner.step_index}: {e}. Rerun the same command to resume "
+                                 f"from the newest checkpoint in {out / 'grpo' / 'checkpoints'}") from None
+            restarts += 1
+            _log(f"grpo: {where} at step {learner.step_index} ({str(e)[:300]}); restarting it "
+                 f"({restarts}/{MAX_SERVER_RESTARTS}) and pushing the step-{learner.step_index} weights again")
+            stop_local_server(process)
+            client.close()
+            process, client = _start_server(cfg, model_path, out)
+            learner.client, learner.transport = client, None
+            learner.cfg.checkpoint.resume = False  # in memory the learner is already where it was
+
+
+def _server_exit_code(process, client, wait_s: float = 15.0) -> int | None:
+    """The exit code of a local server that stopped (it exits within seconds once its engine died), else None."""
+    import subprocess
+
+    if process is None:
+        return None
+    if process.poll() is not None:
+        return process.returncode
+    try:
+        if client.ready():
+            return None  # up and serving: the error was something else
+    except SuzakError:
+        pass  # its engine died: the server is on its way out
+    try:
+        return process.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _ensure_server_has(client, cfg: RunConfig, folder: Path, version: int | None = None) -> None:
@@ -233,6 +287,73 @@ def _eval_hook(cfg: RunConfig, sets):
     return hook
 
 
+OUT_DIRS = ("sft", "grpo", "eval", "tb")
+OUT_FILES = ("config.yaml", "summary.json", "report.html", "curves.png", "data_preview.png", "sft_metrics.jsonl",
+             "grpo_metrics.jsonl", "server.log", "server_config.yaml")
+STAGE_OUTPUTS = {"sft": ("sft", "sft_metrics.jsonl", "wandb_sft_id.txt", "tb/sft"),
+                 "grpo": ("grpo", "grpo_metrics.jsonl", "wandb_grpo_id.txt", "tb/grpo"),
+                 "eval": ("eval",)}
+
+
+def check_out_dir(out: Path) -> None:
+    """Fail at once, naming the path, when the output folder cannot hold a training run: it (or one of its folders)
+    is a file, one of its files is a folder, or it holds another kind of output (a `suzak eval` folder)."""
+    if out.exists() and not out.is_dir():
+        raise SuzakError(f"output folder {out} is a file: give --out a folder (it is created when missing)")
+    for name in OUT_DIRS:
+        if (out / name).exists() and not (out / name).is_dir():
+            raise SuzakError(f"{out / name} is a file, where the run keeps its {name}/ folder: move it away or choose "
+                             "another --out")
+    for name in OUT_FILES:
+        if (out / name).is_dir():
+            raise SuzakError(f"{out / name} is a folder, where the run writes its {name}: move it away or choose "
+                             "another --out")
+    if (out / "predictions.jsonl").exists():
+        raise SuzakError(f"{out} holds a `suzak eval` output (predictions.jsonl); a training run would write over "
+                         "it: choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SuzakError(f"cannot create the output folder {out}: {e}") from None
+
+
+def start_over(out: Path, stages: list[str]) -> Path | None:
+    """checkpoint.resume=false (--no-resume): move the earlier outputs of these stages (checkpoints, exports,
+    metrics, cached evaluations, summary and report) into out/previous-<time>/ instead of writing over them."""
+    from trainer.monitor import aside_name
+
+    names = [n for stage in stages for n in STAGE_OUTPUTS.get(stage, ())]
+    names += ["eval"] if {"sft", "grpo"} & set(stages) else []
+    names += ["summary.json", "report.html", "curves.png"]
+    present = [n for n in dict.fromkeys(names) if (out / n).exists()]
+    if not any(n not in ("summary.json", "report.html", "curves.png") for n in present):
+        return None
+    aside = aside_name(out / "x", f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    for name in present:
+        (aside / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out / name, aside / name)
+    _log(f"--no-resume: the earlier {', '.join(present)} moved to {aside}")
+    return aside
+
+
+def check_grpo_config(cfg: RunConfig, task) -> None:
+    """GRPO settings that cannot work, refused before any model loads (not minutes in, after SFT)."""
+    g = cfg.grpo
+    problems = []
+    unknown = sorted(set(g.reward_weights) - set(task.reward_functions(g.reward_mode)))
+    if unknown:
+        problems.append(f"grpo.reward_weights names unknown reward(s) {unknown}; known: "
+                        f"{sorted(task.reward_functions(g.reward_mode))}")
+    if g.temperature == 0 and g.num_generations > 1:
+        problems.append(f"grpo.temperature=0 makes the {g.num_generations} completions of a group identical, so "
+                        "every advantage is 0 and nothing is learned: use a temperature > 0 (R1-V: 0.9)")
+    if g.max_completion_tokens >= cfg.server.max_model_len:
+        problems.append(f"grpo.max_completion_tokens={g.max_completion_tokens} leaves no room for the prompt in "
+                        f"server.max_model_len={cfg.server.max_model_len}: lower it or raise server.max_model_len")
+    if problems:
+        raise SuzakError("invalid GRPO config:\n  " + "\n  ".join(problems))
+
+
 def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
     """Run the selected stages (default: all) and write summary.json + report.html."""
     stages = list(STAGES) if not stages or stages == ["all"] else stages
@@ -242,7 +363,11 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
     out = Path(cfg.out_dir)
     global _STARTED
     _STARTED = time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    if "grpo" in stages and cfg.grpo.enabled:
+        check_grpo_config(cfg, get_task(cfg.data.task))
+    check_out_dir(out)
+    if not cfg.checkpoint.resume:
+        start_over(out, stages)
     save_config(cfg, out)
     _log(f"output folder: {out.resolve()}")
     started = time.time()

@@ -81,11 +81,17 @@ class Engine(ABC):
     def __init__(self) -> None:
         self.ready = False
         self.load_error: str | None = None
+        self.dead_error: str | None = None
+        """Why a loaded engine stopped working (set by the app's liveness watch); the server then exits."""
         self.policy_version = 0
 
     @abstractmethod
     async def start(self) -> None:
         """Load the model; /ready answers 200 once this returns."""
+
+    def check_alive(self) -> str | None:
+        """None while the engine can serve; otherwise why not (checked every second once it is loaded)."""
+        return None
 
     async def shutdown(self) -> None:
         """Release the engine (called when the server stops)."""
@@ -142,6 +148,48 @@ def safetensors_shards(path: str | None) -> tuple[list[Path], int]:
         with safe_open(str(shard), framework="pt") as f:
             count += len(list(f.keys()))
     return shards, count
+
+
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the headers of safetensors files (nothing is loaded)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def canonical_name(name: str) -> str:
+    """One spelling for transformers 4 and 5 Qwen2-VL checkpoint names (model.language_model.* / model.visual.*)."""
+    return name.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+
+
+def check_push_shapes(pushed: dict[str, tuple[int, ...]], known: dict[str, tuple[int, ...]],
+                      learned: dict[str, tuple[int, ...]] | None) -> None:
+    """Refuse a push that cannot fit before vLLM sees it (its reload leaves the model half-loaded on failure).
+
+    known: the served checkpoint's tensors; learned: those of the last push that loaded (both by canonical name).
+    A tensor of another shape than either is refused; after one push has loaded, so is a name it did not have."""
+    wrong, unknown = [], []
+    for name, shape in pushed.items():
+        canon = canonical_name(name)
+        for ref, what in ((known, "served"), (learned or {}, "last push")):
+            if canon in ref and ref[canon] != shape:
+                wrong.append(f"{name} {list(shape)} ({what} {list(ref[canon])})")
+                break
+        else:
+            # A tied lm_head (the embedding's transpose) is in the learner's state_dict but in no saved checkpoint.
+            if learned is not None and canon not in learned and canon not in known \
+                    and not canon.endswith("lm_head.weight"):
+                unknown.append(name)
+    if wrong or unknown:
+        parts = ([f"{len(wrong)} tensor(s) of another shape, e.g. {', '.join(wrong[:3])}"] if wrong else []) + \
+                ([f"{len(unknown)} tensor(s) the model does not have, e.g. {sorted(unknown)[:3]}"] if unknown else [])
+        raise RequestError("the pushed weights do not fit the served model: " + "; ".join(parts)
+                           + " (nothing was loaded)", field="path")
 
 
 class DirectWeightsWorker:
@@ -305,6 +353,10 @@ class VLLMEngine(Engine):
         self.dtype = cfg.server.dtype
         self.engine_version = "?"
         self._open_update: str | None = None  # transport of the update in progress
+        self.weights_error: str | None = None  # why the last push failed (generation waits for a good one)
+        self.broken: str | None = None  # set when the engine cannot be used any more (the server then stops)
+        self.served_shapes: dict[str, tuple[int, ...]] = {}  # the served checkpoint's tensors, canonical names
+        self.pushed_shapes: dict[str, tuple[int, ...]] | None = None  # the last files push that loaded
         self._update_lock: asyncio.Lock | None = None
         self._settled: asyncio.Event | None = None  # cleared while weights change; generate waits on it
         self._idle: asyncio.Event | None = None  # set when no generate call is in flight
@@ -378,6 +430,12 @@ class VLLMEngine(Engine):
                  ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "weight_transfer_config"))
         self.processor = load_processor(self.model_path, min_pixels=cfg.model.min_pixels,
                                         max_pixels=cfg.model.max_pixels)
+        try:
+            self.served_shapes = {canonical_name(n): shape for n, shape in safetensors_shapes(
+                sorted(Path(self.model_path).glob("*.safetensors"))).items()}
+        except Exception as e:  # noqa: BLE001 - a hub id or unusual folder: pushes are then checked against each other
+            log.info("could not read the served checkpoint's tensor shapes (%s); pushes are checked against the "
+                     "first one that loads", e)
         from vllm.usage.usage_lib import UsageContext
 
         # LLM_CLASS picks vLLM's batch-throughput defaults (H100: 16384 batched tokens); the engine default
@@ -411,6 +469,28 @@ class VLLMEngine(Engine):
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
+
+    def check_alive(self) -> str | None:
+        """vLLM's engine-core processes still running and its output loop not errored (vLLM 0.26-0.32 attributes)."""
+        if self.broken:
+            return self.broken
+        llm = self.llm
+        if llm is None:
+            return None
+        core = getattr(llm, "engine_core", None)
+        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+        for proc in list(getattr(manager, "processes", None) or []):
+            try:
+                code = proc.exitcode
+            except (ValueError, AssertionError):  # a closed Process object
+                continue
+            if code is not None:
+                return f"vLLM's engine-core process {getattr(proc, 'pid', '?')} exited with code {code}"
+        try:
+            errored = bool(llm.errored)
+        except Exception as e:  # noqa: BLE001 - any failure to answer means the client is broken
+            return f"vLLM's engine client is broken ({type(e).__name__}: {e})"
+        return "vLLM reports its engine dead (EngineDeadError)" if errored else None
 
     def info(self) -> wire.ModelInfo:
         transports = ["files"] + ([self.backend] if self.backend else [])
@@ -451,13 +531,17 @@ class VLLMEngine(Engine):
             n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0), max_tokens=max_tokens,
             # One seed for the whole request would give every prompt the same random stream, so prompts whose
             # distributions are alike would get identical samples; prompt i draws from seed + i instead.
-            stop=list(s.stop) or None, seed=None if s.seed is None else s.seed + index, ignore_eos=s.ignore_eos,
+            stop=list(s.stop) or None, seed=None if s.seed is None else (s.seed + index) % 2**63,
+            ignore_eos=s.ignore_eos,
             logprobs=0 if s.logprobs else None,
             output_kind=RequestOutputKind.FINAL_ONLY)
 
     async def generate(self, prompts: list[PreparedPrompt], sampling: wire.SamplingParams) -> list[wire.PromptResult]:
         if self.sleeping:
             raise RequestError("the server is asleep: POST /wake before generating", status=409)
+        if self.weights_error:
+            raise RequestError(f"the last weight push failed ({self.weights_error[:200]}), so the served weights are "
+                               "incomplete: push weights again before generating", status=409)
         rendered = [self._render(i, p, sampling.max_tokens) for i, p in enumerate(prompts)]
         # Requests wait while weights change and an update waits for the requests in flight, so the version
         # read here is the one that generates every token of this call.
@@ -528,7 +612,9 @@ class VLLMEngine(Engine):
             if req.transport == "files":
                 if not (req.begin and req.end):
                     raise RequestError("a files push is one message: begin and end must both be true", field="begin")
-                _, count = safetensors_shards(req.path)
+                shards, count = safetensors_shards(req.path)
+                pushed = safetensors_shapes(shards)
+                check_push_shapes(pushed, self.served_shapes, self.pushed_shapes)
             else:
                 adapter = self._require_backend(req.transport)
                 if not req.payload:
@@ -552,11 +638,27 @@ class VLLMEngine(Engine):
                     timings.update({f"worker_{k}": v for k, v in worker[0].items() if isinstance(v, (int, float))})
                 else:
                     await self._timed(timings, "load", self._load(req, update_info))
-            except BaseException:
+            except BaseException as e:
                 await self._abandon_update()
+                if isinstance(e, Exception) and not isinstance(e, SuzakError) and self.check_alive() is None:
+                    reason = f"{type(e).__name__}: {str(e)[:300]}"
+                    if direct:  # copies into the served parameters: the next good push repairs them
+                        self.weights_error = reason
+                        raise RequestError(f"the server could not load the pushed weights ({reason}); it generates "
+                                           "nothing until a push succeeds", field="payload") from None
+                    # vLLM's layerwise reload leaves the model half-loaded: the next generate crashed the engine and
+                    # later pushes failed alike. The server stops (exit code != 0) rather than serve broken weights.
+                    self.broken = (f"a failed weight load left vLLM's model half-loaded ({reason[:200]}); restart the "
+                                   "server")
+                    raise RequestError(f"the server could not load the pushed weights ({reason}); vLLM's model is left "
+                                       "half-loaded, so the server stops: restart it", status=500,
+                                       field="path" if req.transport == "files" else "payload") from None
                 raise
             if req.end:
                 await self._finish_update(req, timings, direct=direct)
+            if req.transport == "files":  # every name that loaded so far (an export and the learner may differ)
+                self.pushed_shapes = {**(self.pushed_shapes or {}),
+                                      **{canonical_name(n): shape for n, shape in pushed.items()}}
         return wire.WeightUpdateResponse(policy_version=self.policy_version, seconds=time.perf_counter() - start,
                                          tensors=count, timings=timings)
 
@@ -607,6 +709,7 @@ class VLLMEngine(Engine):
             await self._timed(timings, "finish", self.llm.finish_weight_update())
         self.policy_version = req.version
         self._open_update = None
+        self.weights_error = None
         await self._timed(timings, "resume", self.llm.resume_generation())
         self._settled.set()
 

@@ -27,17 +27,24 @@ BENCHMARK_FILES = {
 }
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, RuntimeError):
+        return False
+
+
 def open_image(path: Path, where: str = ""):
     """Open an image as RGB, naming the file (and the jsonl line) when it is missing or corrupt."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     suffix = f" (referenced by {where})" if where else ""
-    if not path.is_file():
+    if not _is_file(path):
         raise SuzakError(f"image not found: {path}{suffix}; check image_path and the image folder (--data / data.image_root)")
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except Exception as e:  # PIL: UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError ...
         raise SuzakError(f"image {path}{suffix} is corrupt or not an image ({e}); re-download or remove it") from None
 
 
@@ -89,8 +96,17 @@ def _ground_truth(task: Task, value: Any, where: str) -> tuple[Any, str]:
 
 def read_jsonl_rows(path: Path):
     """(line number, object) for every non-blank line; a bad line is a SuzakError naming file and line."""
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    try:
+        fh = Path(path).open("rb")
+    except OSError as e:
+        raise SuzakError(f"cannot read {path}: {e.strerror or e}") from None
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SuzakError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+                                 f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -115,8 +131,15 @@ def jsonl_examples(task: Task, path: Path, *, image_root: str | None = None, lim
         if missing:
             raise SuzakError(f"{where}: missing field(s) {missing}; each line needs {list(JSONL_COLUMNS)}")
         gt, answer = _ground_truth(task, row["ground_truth"], where)
-        image_path = (root / row["image_path"]).resolve()
-        if check_images and not image_path.is_file():
+        if not isinstance(row["image_path"], str) or not row["image_path"].strip():
+            raise SuzakError(f"{where}: image_path must be a file path (a string), got {row['image_path']!r}")
+        if not isinstance(row["question"], str):
+            raise SuzakError(f"{where}: question must be a string, got {row['question']!r}")
+        try:
+            image_path = (root / row["image_path"]).resolve()
+        except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+            raise SuzakError(f"{where}: image {row['image_path']} cannot be resolved ({e}); fix the link") from None
+        if check_images and not _is_file(image_path):
             raise SuzakError(f"{where}: image {row['image_path']} not found under {root} "
                              f"(looked at {image_path}); unzip the images next to the jsonl or pass data.image_root")
         examples.append(Example(id=str(row.get("id", lineno - 1)), problem=row["question"], answer=answer,
