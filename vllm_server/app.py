@@ -532,7 +532,7 @@ def admin_token_for(host: str) -> str | None:
     return token
 
 
-def _children(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every descendant of `pid` (from /proc; empty where there is none)."""
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
@@ -553,7 +553,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _kill_children_and_exit(code: int) -> None:
-    for child in _children(os.getpid()):
+    for child in descendants(os.getpid()):
         with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
     os._exit(code)

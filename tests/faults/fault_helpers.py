@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import struct
 import zlib
 
 from suzak import wire
+from vllm_server.app import descendants  # noqa: F401 - the fault tests' process-tree helper
 from vllm_server.engine import Engine, RequestError, safetensors_shards
 
 MIN_PIXELS, MAX_PIXELS = 3136, 100352
@@ -48,23 +48,6 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
-
-
-def descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    parents.setdefault(int(fh.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def rss_mb(pid: int) -> float:
