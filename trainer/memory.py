@@ -242,6 +242,7 @@ def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: 
     lora = cfg.model.lora.enabled
     trainable = _trainable_count(cfg, counts)
     notes = []
+    momentum_bytes = 4
 
     deepspeed = name.startswith("zero")
     stage_no = int(name[4]) if deepspeed else (3 if name.startswith("fsdp") else 0)
@@ -267,8 +268,9 @@ def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: 
         optimizer = 2 * OFFLOAD_STAGING_BYTES  # the streamed step's pinned buckets in flight on the card side
         autocast_copies = 0.0
         momentum = momentum_dtype(cfg, stage, trainable)
+        momentum_bytes = _BYTES[momentum]
         notes.append(f"fp32 master weights and AdamW moments ({_DTYPE_NAMES[momentum]} first moment) in host RAM: "
-                     f"{trainable * (8 + _BYTES[momentum]) / GiB:.0f} GiB (grpo/sft.optim.offload)")
+                     f"{trainable * (8 + momentum_bytes) / GiB:.0f} GiB (grpo/sft.optim.offload)")
     else:
         pbytes = _BYTES[precision.param_dtype]
         weights = counts.total * pbytes
@@ -318,8 +320,8 @@ def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: 
                           autocast_copies=autocast_copies, reference=reference, activations=activations,
                           server=server, overhead=overhead, device_total=device_total_bytes, notes=notes,
                           generation=generation if server_awake and cfg.server.sleep_during_update else 0.0,
-                          host=host_bytes_needed(trainable, trainable if host_reference else 0,
-                                                 _BYTES[momentum_dtype(cfg, stage, trainable)]) if host_optim else 0.0)
+                          host=host_bytes_needed(trainable, trainable if host_reference else 0, momentum_bytes)
+                          if host_optim else 0.0)
 
 
 def momentum_dtype(cfg, stage: str, trainable: int) -> torch.dtype:
@@ -371,7 +373,7 @@ def learner_device() -> torch.device:
 
 
 def resolve_offload(cfg, stage: str, device) -> object:
-    """cfg with the stage's optim.offload settled to cpu or off for this device (auto decided by the estimate)."""
+    """cfg with the stage's optim.offload settled to cpu or gpu for this device (auto decided by the estimate)."""
     device = torch.device(device)
     world, name = int(os.environ.get("WORLD_SIZE", "1")), strategy()
     setting = _stage_optim(cfg, stage).offload

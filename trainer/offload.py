@@ -125,8 +125,8 @@ class HostAdamW(torch.optim.AdamW):
         self.last_step_s: float | None = None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.threads = threads or cores
-        biggest = max(sum(self.chunks[i].numel for i in b) for b in self.buckets)
-        size = bucket_numel if biggest <= bucket_numel else biggest
+        # Pinned buffers are one bucket exactly (a power of two: no rounding waste); host-only ones just fit.
+        size = bucket_numel if self.on_cuda else max(sum(self.chunks[i].numel for i in b) for b in self.buckets)
         self._grads = [_pinned(size, params[0].dtype, self.on_cuda) for _ in range(2)]
         self._weights = [_pinned(size, params[0].dtype, self.on_cuda) for _ in range(2)]
         self._grad32 = torch.empty(size, dtype=torch.float32)
