@@ -80,14 +80,27 @@ def _gone(pids: list[int], timeout: float) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+def _is_engine_core(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore")
+    except OSError:
+        return False
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _engine_core(server_pid: int) -> int:
-    for pid in descendants(server_pid):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
-                return pid
-        except OSError:
-            continue
-    raise AssertionError("no VLLM::EngineCore process under the server")
+    """The engine process itself: children it forks (compile workers) inherit its title, so take the topmost."""
+    cores = [pid for pid in descendants(server_pid) if _is_engine_core(pid)]
+    top = [pid for pid in cores if not _is_engine_core(_parent(pid))]
+    if len(top) != 1:
+        raise AssertionError(f"expected one VLLM::EngineCore under the server, found {top} (all: {cores})")
+    return top[0]
 
 
 def _in_flight(url: str, box: dict) -> threading.Thread:
