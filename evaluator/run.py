@@ -7,8 +7,8 @@
 
 Outputs in --out (default runs/eval/<benchmark>-<timestamp>): predictions.jsonl (id, image_path, question,
 ground_truth, output, extracted, correct), summary.json, report.html and the resolved config.yaml.
-`evaluate()` is the reusable core: the learner calls it (or `run_benchmarks`) every eval.every_steps steps
-with its own client, so training-time and standalone numbers come from the same code.
+`evaluate()` is the reusable core: `suzak train` calls it on each set of eval.benchmarks (after SFT, every
+eval.every_steps GRPO steps, after GRPO) with its own client, so training-time and standalone numbers agree.
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ from typing import Any, Callable
 from suzak import wire
 from suzak.config import save_config
 from suzak.errors import SuzakError
+from suzak.log import Progress, get_logger
 from suzak.tasks import Example, Task
 from suzak.tasks.sources import read_jsonl_rows
 from evaluator.benchmarks import Benchmark, describe_data, get_benchmark, load_benchmark, max_new_tokens_for
 from evaluator.report import print_table, write_report
+
+log = get_logger("eval")
 
 PREDICTION_FIELDS = ("id", "image_path", "question", "ground_truth", "output", "extracted", "correct")
 FAILURE_KINDS = ("no_tag", "unparsable", "wrong")
@@ -125,22 +128,19 @@ def evaluate(client, task: Task, examples: list[Example], *, scoring: str = "r1v
 
 
 def _progress_callback(progress, total: int) -> Callable[[int | None], None]:
-    """progress=True: a rich bar; a callable: called with (done, total); False: silent. None closes the bar."""
+    """progress=True: a bar (periodic lines when redirected); a callable: called with (done, total); False: silent.
+    None closes the bar."""
     if callable(progress):
         return lambda done: progress(done, total) if done is not None else None
     if not progress:
         return lambda done: None
-    from rich.progress import Progress
-
-    bar = Progress(transient=True)
-    bar.start()
-    task_id = bar.add_task("evaluating", total=total)
+    bar = Progress("eval", total, unit="problem")
 
     def update(done: int | None) -> None:
         if done is None:
-            bar.stop()
+            bar.close()
         else:
-            bar.update(task_id, completed=done)
+            bar.update(done)
 
     return update
 
@@ -280,18 +280,18 @@ def main(args, cfg) -> int:
     _apply_args(args, cfg, bench)
     out = Path(getattr(args, "out", None) or default_out_dir(bench.name))
     check_eval_out(out, getattr(args, "rescore", None))
-    console.print(f"suzak eval {bench.name}: outputs go to [bold]{out}[/bold]")
+    log.info(f"{bench.name}: outputs go to {out}")
     if getattr(args, "rescore", None):
         records, summary = rescore(args.rescore, bench, cfg.eval.scoring, prompt=cfg.eval.prompt)
         image_base = Path(args.rescore).expanduser().parent  # relative image paths were relative to the old output
         paths = write_outputs(out, records, summary, image_base=image_base)
     else:
         data = getattr(args, "data", None) if bench.synthetic else cfg.eval.data
-        records, summary, images = _run_model(bench, data, cfg, out, console)
+        records, summary, images = _run_model(bench, data, cfg, out)
         paths = write_outputs(out, records, summary, images=images)
     save_config(cfg, out)
     print_table(summary, bench.references, console=console)
-    console.print(f"wrote {paths['predictions']}, {paths['summary'].name}, {paths['report'].name}, config.yaml")
+    log.info(f"wrote {paths['predictions']}, {paths['summary'].name}, {paths['report'].name}, config.yaml")
     return 0
 
 
@@ -326,7 +326,7 @@ def check_eval_out(out: Path, rescore: str | None = None) -> None:
                                  source.parent.name + "-rescored")))
 
 
-def _run_model(bench: Benchmark, data: str | None, cfg, out: Path, console) -> tuple[list[dict], dict, dict]:
+def _run_model(bench: Benchmark, data: str | None, cfg, out: Path) -> tuple[list[dict], dict, dict]:
     # Load (and check) the data before a server is started: a missing file should fail in a second, not minutes.
     examples = load_benchmark(bench.name, data, cfg)
     data_desc = describe_data(bench, data, cfg)
@@ -337,14 +337,14 @@ def _run_model(bench: Benchmark, data: str | None, cfg, out: Path, console) -> t
     process = None
     try:
         if cfg.server.url:
-            console.print(f"connecting to the rollout server at {cfg.server.url}")
+            log.info(f"connecting to the rollout server at {cfg.server.url}")
             client = connect(cfg.server.url, cfg)
             label = None  # the server's own model name
         else:
             from vllm_server.client import start_local_server
 
             log_path = out / "server" / "server.log"
-            console.print(f"starting a local rollout server for {cfg.model.name_or_path} (log: {log_path})")
+            log.info(f"starting a local rollout server for {cfg.model.name_or_path} (log: {log_path})")
             process, url = start_local_server(cfg, log_path)  # returns once the engine is loaded
             client = connect(url, cfg)
             label = cfg.model.name_or_path
@@ -360,30 +360,3 @@ def _run_model(bench: Benchmark, data: str | None, cfg, out: Path, console) -> t
             stop_local_server(process)
     summary["data"] = data_desc
     return records, summary, images
-
-
-# --------------------------------------------------------------------------- for the learner
-
-
-def run_benchmarks(client, cfg, out_root: str | Path, *, model: str | None = None,
-                   progress: bool = False) -> dict[str, dict]:
-    """Evaluate every benchmark in cfg.eval.benchmarks with a live client; outputs in out_root/<benchmark>/.
-
-    The learner calls this every eval.every_steps steps (and at the end) with its own server, so no server is
-    started here. Returns {benchmark: summary}.
-    """
-    summaries = {}
-    for name in cfg.eval.benchmarks:
-        bench = get_benchmark(name)
-        examples = load_benchmark(name, None, cfg)
-        out = Path(out_root) / name
-        if bench.synthetic:
-            save_synth_images(examples, out / "images")
-        system = cfg.data.system_prompt and cfg.eval.prompt == "train"
-        records, summary = evaluate(client, bench.task, examples, scoring=cfg.eval.scoring, prompt=cfg.eval.prompt,
-                                    max_new_tokens=max_new_tokens_for(bench, cfg), progress=progress, system=system,
-                                    benchmark=name, model=model)
-        summary["data"] = describe_data(bench, None, cfg)
-        write_outputs(out, records, summary, images={ex.id: ex.image for ex in examples if ex.image is not None})
-        summaries[name] = summary
-    return summaries

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from suzak.errors import SuzakError
+from suzak.log import setup_logging
 
 
 def _load_dotenv() -> None:
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _load_dotenv()
+    setup_logging()
     parser = build_parser()
     # Dotted overrides may sit anywhere (`suzak eval superclevr --model M eval.limit=4`): argparse stops
     # collecting positionals at the first flag, so pick the stragglers up here.

@@ -212,8 +212,6 @@ class GRPOConfig(Section):
 class ServerConfig(Section):
     url: str | None = None
     """URL of a running rollout server; when unset, the learner starts a local one."""
-    engine: Literal["vllm", "hf"] = "vllm"
-    """Generation engine: vllm, or hf (transformers generate; slow, for machines without vLLM)."""
     host: str = "127.0.0.1"
     """Address the server binds; off localhost, admin routes need SUZAK_SERVER_TOKEN."""
     port: int = Field(8000, ge=1, le=65535)
@@ -272,9 +270,10 @@ class ServerConfig(Section):
 
 class EvalConfig(Section):
     benchmarks: list[str] = ["clevr-synth"]
-    """Benchmarks run after training and every `every_steps` steps: superclevr, geoqa, clevr-synth, geo-synth."""
+    """What `suzak train` evaluates after SFT, after GRPO and every `every_steps` steps: clevr-synth (held-out
+    CoGenT-A and -B), clevr-synth-a/-b, geo-synth, or the files superclevr and geoqa (eval.data); [] for none."""
     every_steps: int = Field(0, ge=0)
-    """Run the benchmarks every K GRPO steps (0: only at the end)."""
+    """Also evaluate every K GRPO steps, as eval/<set> metrics (0: only after SFT and after GRPO)."""
     scoring: Literal["r1v", "strict"] = "r1v"
     """r1v: R1-V's scripts exactly; strict: extract the <answer> first."""
     prompt: Literal["eval", "train"] = "eval"
@@ -284,7 +283,7 @@ class EvalConfig(Section):
     limit: int | None = Field(None, ge=1)
     """Evaluate at most this many problems."""
     data: str | None = None
-    """Benchmark data path (jsonl, or its folder)."""
+    """Data of the file benchmarks: their jsonl, or a folder holding it (default: data/superclevr, data/geoqa)."""
     synth_n: int = Field(200, ge=1)
     """Problems in the synthetic benchmarks."""
     synth_seed: int = 12345
@@ -299,7 +298,8 @@ class CheckpointConfig(Section):
     resume: bool = True
     """Continue from the newest checkpoint in the output folder when one exists."""
     push_to_hub: bool = False
-    """Upload the final export to the hub (needs HF_TOKEN and hub_model_id)."""
+    """Upload the final export (grpo/final, else sft/final) to the hub at the end of `suzak train`; HF_TOKEN and
+    the repo are checked before training starts, pushed.json records the upload."""
     hub_model_id: str | None = None
     """Hub repo of the final export (default: $HUB_MODEL_ID)."""
 

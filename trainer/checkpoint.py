@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -40,13 +39,14 @@ import numpy as np
 import torch
 
 from suzak.errors import SuzakError
+from suzak.log import get_logger
 from trainer import distributed as dist_utils
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
-log = logging.getLogger("suzak.checkpoint")
+log = get_logger("checkpoint")
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -158,7 +158,6 @@ class CheckpointManager:
         for path, why in bad:
             message = f"checkpoint {path} is unusable ({why}); resuming from {used} instead"
             log.warning(message)
-            print(f"warning: {message}", flush=True)
 
     @staticmethod
     def verify(path: Path, checksums: bool = True) -> str | None:

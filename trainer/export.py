@@ -146,16 +146,22 @@ def _no_peft_marker(base):
             base._hf_peft_config_loaded = flag
 
 
-def push_to_hub(folder, repo_id: str | None = None, *, private: bool = True) -> str:
-    """Upload an exported folder to the hub (token from HF_TOKEN, never printed); returns the repo URL."""
+def hub_target(repo_id: str | None = None) -> tuple[str, str]:
+    """(repo, token) of a push: checked before a run trains, so a missing one fails in seconds, not at the end."""
     repo_id = repo_id or os.environ.get("HUB_MODEL_ID")
     if not repo_id:
         raise SuzakError("push_to_hub needs a repo: set checkpoint.hub_model_id (or HUB_MODEL_ID), "
                          "e.g. me/qwen25vl-r1v")
     token = os.environ.get("HF_TOKEN")
     if not token:
-        raise SuzakError("push_to_hub needs HF_TOKEN in the environment (a write token from "
+        raise SuzakError("push_to_hub needs HF_TOKEN in the environment or .env (a write token from "
                          "https://huggingface.co/settings/tokens)")
+    return repo_id, token
+
+
+def push_to_hub(folder, repo_id: str | None = None, *, private: bool = True) -> str:
+    """Upload an exported folder to the hub (token from HF_TOKEN, never printed); returns the repo URL."""
+    repo_id, token = hub_target(repo_id)
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise SuzakError(f"{folder} is not an exported model folder (no config.json); export before pushing")

@@ -21,7 +21,10 @@ import torch
 
 from suzak.config import RunConfig
 from suzak.errors import SuzakError
+from suzak.log import get_logger
 from suzak.tasks import Example, Task
+
+log = get_logger("grpo")
 from trainer import loss as grpo_loss
 from trainer.distributed import micro_batch_context
 from trainer.forward import PolicyLogps, completion_logps
@@ -148,8 +151,8 @@ class GRPOLearner:
         attn = getattr(self.policy.model.config, "_attn_implementation", "sdpa")
         if attn in ("sdpa", "eager"):
             return True
-        print(f"grpo.share_prompt: attention {attn} cannot take the shared-prompt mask; groups run unshared "
-              "(model.attn_implementation=sdpa shares them)")
+        log.warning(f"grpo.share_prompt: attention {attn} cannot take the shared-prompt mask; groups run "
+                    "unshared (model.attn_implementation=sdpa shares them)")
         return False
 
     @property
@@ -184,7 +187,8 @@ class GRPOLearner:
             return
         info = self.client.info()
         if info.policy_version != self.policy_version:
-            print(f"server at policy version {info.policy_version}, learner at {self.policy_version}: re-pushing weights")
+            log.info(f"server at policy version {info.policy_version}, learner at {self.policy_version}: "
+                     "re-pushing weights")
             self.transport = None
             self._send_weights()
 
@@ -397,7 +401,7 @@ class GRPOLearner:
         self.step_index, self.policy_version = extra["step"], extra["policy_version"]
         self.sampler.load_state_dict(extra["sampler"])
         self._prefetched = None
-        print(f"resumed GRPO from {latest} (step {self.step_index}, policy version {self.policy_version})")
+        log.info(f"resumed from {latest} (step {self.step_index}, policy version {self.policy_version})")
         return True
 
     def run(self, monitor=None) -> None:
@@ -416,7 +420,7 @@ class GRPOLearner:
                 if self.step_index % cfg.checkpoint.every_steps == 0 or self.step_index == cfg.grpo.steps:
                     self.save()
         except KeyboardInterrupt:
-            print(f"interrupted at step {self.step_index}: saving a checkpoint")
+            log.info(f"interrupted at step {self.step_index}: saving a checkpoint")
             self.save()
             raise
 

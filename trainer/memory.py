@@ -304,7 +304,7 @@ def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: 
         reference = max(0.0, trainable * compute - grads - activations)
         notes.append(f"reference weights in host RAM: {trainable * compute / GiB:.0f} GiB")
     server, server_awake = 0.0, 0.0
-    if stage == "grpo" and cfg.server.url is None and cfg.server.engine == "vllm" and device_total_bytes:
+    if stage == "grpo" and cfg.server.url is None and device_total_bytes:
         server = server_awake = cfg.server.gpu_memory_utilization * device_total_bytes
         if cfg.server.sleep_during_update:
             server = SERVER_ASLEEP_BYTES

@@ -21,12 +21,12 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from suzak.errors import SuzakError
+from suzak.log import Progress, get_logger
 from trainer.distributed import is_main
 
 # Secret-looking names: a word token/secret/password/... ("tokens_per_s" is not one), or *api_key / *private_key.
@@ -245,8 +245,8 @@ class Monitor:
             return
         aside = aside_name(self.path, f"{self.stage}_metrics.replaced-{time.strftime('%Y%m%d-%H%M%S')}", ".jsonl")
         os.replace(self.path, aside)
-        print(f"[{self.stage}] {dropped} metrics line(s) from step {step} on are logged again; the previous "
-              f"{self.path.name} is kept as {aside.name}", flush=True)
+        get_logger(self.stage).info(f"{dropped} metrics line(s) from step {step} on are logged again; the "
+                                    f"previous {self.path.name} is kept as {aside.name}")
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(k + "\n" for k in kept))
         os.replace(tmp, self.path)
@@ -280,18 +280,13 @@ class Monitor:
 
     def _progress(self, step: int, values: dict, due: bool) -> None:
         line = format_line(values)
-        if not self.cfg.progress:
+        if not self.cfg.progress:  # every logged step on its own line
             if due:
-                print(f"[{self.stage}] step {step}/{self.total_steps} | {line}", flush=True)
+                get_logger(self.stage).info(f"step {step}/{self.total_steps} | {line}")
             return
         if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.total_steps, initial=max(step - 1, 0), desc=self.stage, dynamic_ncols=True,
-                             file=sys.stderr, unit="step")
-        self._bar.update(max(step - self._bar.n, 0))
-        if due:
-            self._bar.set_postfix_str(line, refresh=True)
+            self._bar = Progress(self.stage, self.total_steps, initial=max(step - 1, 0))
+        self._bar.update(step, line if due else None)
 
     def close(self) -> None:
         if self._bar is not None:

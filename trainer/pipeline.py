@@ -17,19 +17,18 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from suzak.config import RunConfig, save_config
 from suzak.errors import SuzakError
+from suzak.log import get_logger
 from suzak.tasks import Example, get_task
+from trainer.report import set_label
 
 STAGES = ("model", "data", "sft", "grpo", "eval")
 
 
-_STARTED = time.time()
-
-
-def _log(msg: str) -> None:
-    print(f"[suzak {time.time() - _STARTED:6.1f}s] {msg}", flush=True)
+log = get_logger()
 
 
 def _write_json(path: Path, data) -> None:
@@ -43,7 +42,7 @@ def stage_model(cfg: RunConfig) -> str:
     from suzak.models import resolve_model_path
 
     path = resolve_model_path(cfg.model.name_or_path)
-    _log(f"model: {path}")
+    log.info(f"model: {path}")
     return str(path)
 
 
@@ -54,7 +53,7 @@ def stage_data(cfg: RunConfig, out: Path) -> list[Example]:
     start = time.time()
     examples = load_examples(task, cfg.data.source, split=cfg.data.split, image_root=cfg.data.image_root,
                              limit=cfg.data.limit, synth=cfg.data.synth)
-    _log(f"data: {len(examples)} {task.name} examples from {cfg.data.source} ({time.time() - start:.1f} s)")
+    log.info(f"data: {len(examples)} {task.name} examples from {cfg.data.source} ({time.time() - start:.1f} s)")
     if cfg.data.source == "synth" and not (out / "data_preview.png").exists():
         _preview(examples[:16], out / "data_preview.png")
     return examples
@@ -69,13 +68,13 @@ def _preview(examples: list[Example], path: Path) -> None:
 def stage_sft(cfg: RunConfig, task, examples: list[Example], out: Path) -> str:
     final = out / "sft" / "final"
     if (final / "config.json").exists():
-        _log(f"sft: done earlier ({final})")
+        log.info(f"sft: done earlier ({final})")
         return str(final)
     if not cfg.sft.enabled:
         return cfg.model.name_or_path
     from trainer.sft import run_sft
 
-    _log("sft: starting")
+    log.info("sft: starting")
     return str(run_sft(cfg, examples, task, out))
 
 
@@ -94,12 +93,12 @@ def _start_server(cfg: RunConfig, model_path: str, out: Path, early=None):
         process, url = early
         wait_local_server(process, url, cfg.server.startup_timeout_s, out / "server.log")
         client = RolloutClient.for_config(url, cfg)
-        _log(f"server: loading {model_path} into the server started during SFT")
+        log.info(f"server: loading {model_path} into the server started during SFT")
         _ensure_server_has(client, cfg, Path(model_path), version=0)
         return process, client
     server_cfg = cfg.model_copy(deep=True)
     server_cfg.model.name_or_path = model_path
-    _log(f"server: starting a local {cfg.server.engine} server on {model_path} (log: {out / 'server.log'})")
+    log.info(f"server: starting a local vLLM server on {model_path} (log: {out / 'server.log'})")
     process, url = start_local_server(server_cfg, out / "server.log")
     client = RolloutClient.for_config(url, cfg)
     return process, client
@@ -117,57 +116,70 @@ def _spawn_server_during_sft(cfg: RunConfig, stages: list[str], out: Path):
         return None
     from vllm_server.client import spawn_local_server
 
-    _log(f"server: starting a local {cfg.server.engine} server during SFT (log: {out / 'server.log'})")
+    log.info(f"server: starting a local vLLM server during SFT (log: {out / 'server.log'})")
     return spawn_local_server(cfg, out / "server.log")
 
 
-def _eval_sets(cfg: RunConfig) -> dict[str, list[Example]]:
-    """Held-out synthetic CoGenT-A and CoGenT-B sets (a seed the training data never used)."""
-    from suzak.tasks.sources import synth_examples
+class EvalSet(NamedTuple):
+    """One held-out set the pipeline evaluates: a benchmark of eval.benchmarks (a synthetic one gives CoGenT-A/B)."""
+    benchmark: str
+    examples: list[Example]
 
-    task = get_task(cfg.data.task)
-    sets = {}
-    for split in ("A", "B"):
-        synth = cfg.data.synth.model_copy(update={"n": cfg.eval.synth_n, "seed": cfg.eval.synth_seed, "split": split})
-        sets[split] = synth_examples(task, synth)
+
+def eval_sets(cfg: RunConfig) -> dict[str, EvalSet]:
+    """The sets of eval.benchmarks, loaded up front so a missing benchmark file fails before any training.
+
+    clevr-synth gives the held-out CoGenT-A and CoGenT-B sets (named A and B); clevr-synth-a/-b one of them;
+    geo-synth and the file benchmarks (superclevr, geoqa: eval.data) one set each, named after the benchmark."""
+    from evaluator.benchmarks import get_benchmark, load_benchmark
+
+    sets: dict[str, EvalSet] = {}
+    for name in cfg.eval.benchmarks:
+        bench = get_benchmark(name)
+        if name == "clevr-synth":
+            for split in ("A", "B"):
+                sets[split] = EvalSet(name, load_benchmark(name, split, cfg))
+        else:
+            sets[bench.synth_split or name] = EvalSet(name, load_benchmark(name, None, cfg))
     return sets
 
 
-def _evaluate(cfg: RunConfig, client, examples: list[Example], *, progress: bool):
+def _evaluate(cfg: RunConfig, client, eval_set: EvalSet, *, progress: bool):
     """One greedy pass of the evaluator over a held-out set, with the run's eval settings and pixel budget."""
+    from evaluator.benchmarks import get_benchmark, max_new_tokens_for
     from evaluator.run import evaluate
 
-    task = get_task(cfg.data.task)
-    return evaluate(client, task, examples, scoring=cfg.eval.scoring, prompt=cfg.eval.prompt,
-                    max_new_tokens=cfg.eval.max_new_tokens or task.default_max_new_tokens, batch_size=64,
-                    progress=progress, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+    bench = get_benchmark(eval_set.benchmark)
+    return evaluate(client, bench.task, eval_set.examples, scoring=cfg.eval.scoring, prompt=cfg.eval.prompt,
+                    max_new_tokens=max_new_tokens_for(bench, cfg), batch_size=64, progress=progress,
+                    benchmark=eval_set.benchmark, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
 
 
-def evaluate_sets(cfg: RunConfig, client, label: str, out: Path, sets: dict[str, list[Example]]) -> dict[str, float]:
+def evaluate_sets(cfg: RunConfig, client, label: str, out: Path, sets: dict[str, EvalSet]) -> dict[str, float]:
     """Evaluate the server's current weights on each held-out set; results are cached as eval/<label>_<set>.json."""
     accs = {}
-    for name, examples in sets.items():
+    for name, eval_set in sets.items():
         path = out / "eval" / f"{label}_{name}.json"
         if path.exists():
             accs[name] = json.loads(path.read_text())["summary"]["accuracy"]
             continue
-        records, summary = _evaluate(cfg, client, examples, progress=cfg.logging.progress)
-        shown = [dict(rec, thumbnail=_thumbnail(ex)) for rec, ex in zip(records[:24], examples)]
+        records, summary = _evaluate(cfg, client, eval_set, progress=cfg.logging.progress)
+        shown = [dict(rec, thumbnail=_thumbnail(ex)) for rec, ex in zip(records[:24], eval_set.examples)]
         _write_json(path, {"summary": summary, "records": shown})
         accs[name] = summary["accuracy"]
-        _log(f"eval {label} CoGenT-{name}: {summary['accuracy']:.3f} ({summary['correct']}/{summary['n']})")
+        log.info(f"eval {label} {set_label(name)}: {summary['accuracy']:.3f} ({summary['correct']}/{summary['n']})")
     return accs
 
 
-def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, out: Path, want_eval: bool,
-               early_server=None):
+def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, out: Path,
+               sets: dict[str, EvalSet], early_server=None):
     """Start the server on the SFT weights (or load them into `early_server`), evaluate them, run GRPO, evaluate
     again, export."""
     from trainer.grpo import GRPOLearner
     from trainer.monitor import Monitor
 
     final = out / "grpo" / "final"
-    sets = _eval_sets(cfg) if want_eval else {}
+    want_eval = bool(sets)
     process, client = _start_server(cfg, model_path, out, early_server)
     results = {}
     try:
@@ -184,7 +196,7 @@ def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, o
             finally:
                 monitor.close()
             learner.export(final)
-            _log(f"grpo: exported {final}")
+            log.info(f"grpo: exported {final}")
         elif (final / "config.json").exists():
             _ensure_server_has(client, cfg, final)
         if want_eval and cfg.grpo.enabled:
@@ -222,7 +234,7 @@ def _run_learner(learner, monitor, cfg: RunConfig, model_path: str, out: Path, p
                 raise SuzakError(f"{where} at GRPO step {learner.step_index}: {e}. Rerun the same command to resume "
                                  f"from the newest checkpoint in {out / 'grpo' / 'checkpoints'}") from None
             restarts += 1
-            _log(f"grpo: {where} at step {learner.step_index} ({str(e)[:300]}); restarting it "
+            log.info(f"grpo: {where} at step {learner.step_index} ({str(e)[:300]}); restarting it "
                  f"({restarts}/{MAX_SERVER_RESTARTS}) and pushing the step-{learner.step_index} weights again")
             stop_local_server(process)
             client.close()
@@ -279,8 +291,8 @@ def _thumbnail(example: Example, size: int = 200) -> str:
 def _eval_hook(cfg: RunConfig, sets):
     def hook(client, step):
         metrics = {}
-        for name, examples in sets.items():
-            _, summary = _evaluate(cfg, client, examples, progress=False)
+        for name, eval_set in sets.items():
+            _, summary = _evaluate(cfg, client, eval_set, progress=False)
             metrics[f"eval/{name}"] = summary["accuracy"]
         return metrics
 
@@ -332,7 +344,7 @@ def start_over(out: Path, stages: list[str]) -> Path | None:
     for name in present:
         (aside / name).parent.mkdir(parents=True, exist_ok=True)
         os.replace(out / name, aside / name)
-    _log(f"--no-resume: the earlier {', '.join(present)} moved to {aside}")
+    log.info(f"--no-resume: the earlier {', '.join(present)} moved to {aside}")
     return aside
 
 
@@ -361,15 +373,18 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
     if bad:
         raise SuzakError(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
     out = Path(cfg.out_dir)
-    global _STARTED
-    _STARTED = time.time()
     if "grpo" in stages and cfg.grpo.enabled:
         check_grpo_config(cfg, get_task(cfg.data.task))
+    if cfg.checkpoint.push_to_hub:
+        from trainer.export import hub_target
+
+        hub_target(cfg.checkpoint.hub_model_id)  # a missing repo or token fails now, not after hours of training
     check_out_dir(out)
     if not cfg.checkpoint.resume:
         start_over(out, stages)
     save_config(cfg, out)
-    _log(f"output folder: {out.resolve()}")
+    log.info(f"output folder: {out.resolve()}")
+    sets = eval_sets(cfg) if "eval" in stages else {}
     started = time.time()
     task = get_task(cfg.data.task)
     model_path = stage_model(cfg)
@@ -389,20 +404,53 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
         sft_path = model_path
     results = {}
     if "grpo" in stages or "eval" in stages:
-        results = stage_grpo(cfg, task, examples, sft_path, out, want_eval="eval" in stages,
-                             early_server=early_server) if "grpo" in stages else _eval_only(cfg, sft_path, out)
+        results = stage_grpo(cfg, task, examples, sft_path, out, sets,
+                             early_server=early_server) if "grpo" in stages else _eval_only(cfg, sft_path, out, sets)
     summary = {**results, "seed": cfg.seed, "seconds": round(time.time() - started, 1)}
     _write_json(out / "summary.json", summary)
     from trainer.report import print_table, write_report
 
     print_table(summary)
     write_report(out, summary)
-    _log(f"summary: {out / 'summary.json'}  report: {out / 'report.html'}")
+    log.info(f"summary: {out / 'summary.json'}  report: {out / 'report.html'}")
+    if cfg.checkpoint.push_to_hub:
+        push_final(cfg, out)
     return summary
 
 
-def _eval_only(cfg: RunConfig, model_path: str, out: Path) -> dict:
-    sets = _eval_sets(cfg)
+def final_model(cfg: RunConfig, out: Path) -> Path | None:
+    """The run's final export: grpo/final, or sft/final when GRPO is off (None before either exists)."""
+    for folder in (out / "grpo" / "final", out / "sft" / "final") if cfg.grpo.enabled else (out / "sft" / "final",):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def push_final(cfg: RunConfig, out: Path) -> None:
+    """checkpoint.push_to_hub: upload the final export once; pushed.json records it, so a rerun does not re-upload.
+
+    A failed upload stops the run with an error that names the local folder: the weights stay on disk."""
+    from trainer.export import hub_target, push_to_hub
+
+    folder = final_model(cfg, out)
+    if folder is None:
+        raise SuzakError(f"checkpoint.push_to_hub: no exported model in {out} (grpo/final or sft/final) to push")
+    repo, _ = hub_target(cfg.checkpoint.hub_model_id)
+    record = out / "pushed.json"
+    if record.exists() and json.loads(record.read_text()) == {"repo": repo, "folder": str(folder)}:
+        log.info(f"hub: {folder} already pushed to {repo} (pushed.json)")
+        return
+    log.info(f"hub: uploading {folder} to {repo}")
+    try:
+        push_to_hub(folder, repo)
+    except SuzakError as e:
+        raise SuzakError(f"{e}\nThe model is safe on disk at {folder}; rerun the same `suzak train` command "
+                         f"(finished stages are skipped) to retry the upload.") from None
+    _write_json(record, {"repo": repo, "folder": str(folder)})
+    log.info(f"hub: pushed {folder} to https://huggingface.co/{repo}")
+
+
+def _eval_only(cfg: RunConfig, model_path: str, out: Path, sets: dict[str, EvalSet]) -> dict:
     process, client = _start_server(cfg, model_path, out)
     try:
         return {"sft": evaluate_sets(cfg, client, "sft", out, sets)}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from suzak.errors import SuzakError
+from suzak.log import get_logger
 from trainer.distributed import Precision, resolve_precision, strategy
 from trainer.memory import (_DTYPE_NAMES, SKIP_CHECK_ENV, _device_total, _stage_optim, check_fits, momentum_dtype,
                             resolve_offload)
@@ -165,8 +166,8 @@ def load_policy(cfg, device, *, stage: str = "grpo") -> Policy:
     if offload:
         trainable, _ = trainable_parameter_count(model)
         momentum = momentum_dtype(cfg, stage, trainable)
-        print(f"{stage}: fp32 master weights and AdamW moments in host RAM ({_DTYPE_NAMES[momentum]} first moment)"
-              f"{', reference weights in host RAM' if host_reference is not None else ''}", flush=True)
+        get_logger(stage).info(f"fp32 master weights and AdamW moments in host RAM ({_DTYPE_NAMES[momentum]} first "
+                               f"moment){', reference weights in host RAM' if host_reference is not None else ''}")
     return Policy(model=model, processor=processor, ref_model=ref_model, is_lora=m.lora.enabled,
                   precision=precision, device=device, host_reference=host_reference, offload=offload,
                   momentum_dtype=momentum)

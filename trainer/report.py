@@ -51,16 +51,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def set_label(name: str) -> str:
+    """How a held-out set is shown: A and B are the synthetic CoGenT conditions, the rest are benchmark names."""
+    return f"CoGenT-{name}" if name in ("A", "B") else name
+
+
 def print_table(summary: dict) -> None:
-    """Before (SFT) / after (GRPO) accuracy on held-out CoGenT-A and CoGenT-B."""
+    """Before (SFT) / after (GRPO) accuracy on each held-out set of eval.benchmarks."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="held-out accuracy (synthetic CLEVR counting)")
+    table = Table(title="held-out accuracy")
     table.add_column("checkpoint")
     sets = sorted({k for stage in ("sft", "grpo") for k in (summary.get(stage) or {})})
     for s in sets:
-        table.add_column(f"CoGenT-{s}", justify="right")
+        table.add_column(set_label(s), justify="right")
     for stage in ("sft", "grpo"):
         if summary.get(stage):
             table.add_row(stage.upper(), *[f"{100 * summary[stage].get(s, float('nan')):.1f}%" for s in sets])
@@ -91,7 +96,7 @@ def _curves_png(out: Path) -> str | None:
     axes[1].set_title("GRPO rewards")
     axes[1].legend()
     has_eval = False
-    for key in ("eval/A", "eval/B"):
+    for key in sorted({k for m in grpo for k in m if k.startswith("eval/")}):
         pts = [(m["step"], m[key]) for m in grpo if key in m]
         if pts:
             has_eval = True
@@ -131,7 +136,7 @@ def write_report(out: Path, summary: dict) -> Path:
     curves = _curves_png(out)
     rows = "".join(f"<tr><td>{k}</td>{''.join(f'<td>{100 * v:.1f}%</td>' for v in summary[k].values())}</tr>"
                    for k in ("sft", "grpo") if isinstance(summary.get(k), dict))
-    heads = "".join(f"<th>CoGenT-{s}</th>" for s in (summary.get("sft") or summary.get("grpo") or {}))
+    heads = "".join(f"<th>{html.escape(set_label(s))}</th>" for s in (summary.get("sft") or summary.get("grpo") or {}))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>suzak report</title><style>
 body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 10px}}
 .grid{{display:flex;flex-wrap:wrap;gap:8px}} .cell{{width:230px;border:3px solid;padding:4px;font-size:12px}}

