@@ -33,8 +33,8 @@ def merged_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torc
 def iter_merged_weights(model, dtype: torch.dtype | None = None):
     """(hf_name, tensor) one at a time, each LoRA delta computed only when its weight is reached.
 
-    Lazy on purpose: computing every delta first holds a full-size fp32 copy of every adapted matrix at once
-    (26 GiB for 7B), which ran the H100 out of memory beside the rollout server.
+    Lazy on purpose: computing every delta first holds a full-size fp32 copy of every adapted matrix at once,
+    which ran the H100 out of memory beside the rollout server (bench/RESULTS.md, issues 7 and 9).
     """
     is_peft = hasattr(model, "get_base_model")
     base = model.get_base_model() if is_peft else model

@@ -23,14 +23,15 @@ from suzak.config import RunConfig
 from suzak.errors import SuzakError
 from suzak.log import get_logger
 from suzak.tasks import Example, Task
-
-log = get_logger("grpo")
 from trainer import loss as grpo_loss
 from trainer.distributed import micro_batch_context
 from trainer.forward import PolicyLogps, completion_logps
 from trainer.rollouts import (MicroBatch, PreparedPrompt, Rollout, build_micro_batch, collect_rollouts,
                               cut_group_micro_batches, cut_micro_batches, generate_request, prepare_prompts,
                               vision_token_ids)
+
+log = get_logger("grpo")
+
 
 class PromptSampler:
     """Epoch-wise shuffled prompt order; its state (epoch, position) is saved in checkpoints for exact resume."""
@@ -68,7 +69,7 @@ def release_cached_memory(device) -> None:
 
     The rollout server shares this GPU and allocates outside this process (activations while it generates, its
     weights and KV cache on wake); blocks this process freed but still caches would otherwise starve it (seen on
-    the H100: a 7B LoRA learner held 54 GiB after the first push and vLLM ran out of memory in generate).
+    the H100: vLLM ran out of memory in generate, bench/RESULTS.md issues 7 and 9).
     """
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -248,7 +249,7 @@ class GRPOLearner:
 
     def _generate_and_prefetch(self, prompts: list[PreparedPrompt], count: int) -> list[Rollout]:
         """Generate in a worker thread (it only waits on HTTP) while this thread prepares the next step's prompts,
-        so their image processing (0.09 s a step on the H100 host, 16 prompts) hides behind the server's work.
+        so their image processing hides behind the server's work.
         The sampler state from before that draw is what a checkpoint saves, so a resumed run redraws them."""
         from concurrent.futures import ThreadPoolExecutor
 

@@ -224,9 +224,8 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
     """log_softmax((hidden @ W.T + b) / T).gather(labels), projecting `chunk` tokens at a time.
 
     Unlike head(...) followed by selective_log_softmax, nothing of size [tokens, vocab] is kept for backward: the
-    backward re-projects each chunk (the same recompute TRL 1.16's fused LM head does). On an H100, 8192 tokens,
-    H=2048, V=151936, bf16: 0 GiB held between forward and backward instead of 2.3 GiB of logits, head
-    forward+backward 0.11 s instead of 0.08 s (one more head matmul).
+    backward re-projects each chunk (the same recompute TRL 1.16's fused LM head does): one more head matmul for
+    no logits held between forward and backward (bench/RESULTS.md, learner memory).
     """
 
     @staticmethod

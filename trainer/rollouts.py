@@ -67,7 +67,7 @@ def prepare_prompt(example: Example, task: Task, processor, *, prompt: str, syst
 def one_intra_op_thread():
     """Run image processing on one torch thread: its ops are on arrays of a few hundred KB, where waking a thread
     pool costs more than the work (and on a host shared with a CPU rollout server, whose threads hold the other
-    cores, each op waited a scheduler slice: 0.55 s for 16 prompts instead of 0.09 s)."""
+    cores, each op waits a scheduler slice; bench/RESULTS.md, the embedded default run)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

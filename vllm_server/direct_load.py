@@ -6,8 +6,8 @@ apply later pushes as plain copies into those parameter slices.
 
 Used by the `ipc` transport inside vLLM's worker (vllm_server/engine.py, `DirectWeightsWorker`, run by
 `suzak serve` on a GPU). Why: vLLM's weight-transfer engine reloads through its layerwise-reload machinery, which
-runs every loader twice (once on meta tensors), allocates a fresh copy of each layer and copies it back: about
-8,400 aten ops and two full copies per 7B push, 0.21-0.27 s on the H100 for a copy that takes ~20 ms.
+runs every loader twice (once on meta tensors), allocates a fresh copy of each layer and copies it back, for a
+copy that HBM does in a small fraction of that time (bench/RESULTS.md, weight update).
 
 How the plan is learned, with no model-specific names: each tensor is loaded through the model's own
 `load_weights` under a TorchDispatchMode that sees every aten op. A `copy_` whose destination aliases a model

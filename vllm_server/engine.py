@@ -439,8 +439,8 @@ class VLLMEngine(Engine):
                      "first one that loads", e)
         from vllm.usage.usage_lib import UsageContext
 
-        # LLM_CLASS picks vLLM's batch-throughput defaults (H100: 16384 batched tokens); the engine default
-        # chunks prefill at 2048 tokens, which measured 0.67x the offline LLM's throughput on a GRPO batch.
+        # LLM_CLASS picks vLLM's batch-throughput defaults; the engine default chunks prefill at 2048 tokens,
+        # well below the offline LLM's throughput on a GRPO batch (bench/RESULTS.md, server throughput).
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), usage_context=UsageContext.LLM_CLASS)
         self._frontend_single_threaded()
         if on_cuda:
