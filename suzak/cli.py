@@ -159,7 +159,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="suzak", description="SFT + GRPO for Qwen2.5-VL visual reasoning (R1-V style).")
+    parser = argparse.ArgumentParser(prog="suzak",
+                                     description="SFT + GRPO for Qwen2.5-VL visual reasoning (R1-V style).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run SFT -> GRPO -> eval (default: the embedded tiny pipeline)")
@@ -194,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
-    s.add_argument("--format", choices=["hf", "superclevr", "geoqa"], help="hf (save_to_disk), superclevr or geoqa (jsonl + images)")
+    s.add_argument("--format", choices=["hf", "superclevr", "geoqa"],
+                   help="hf (save_to_disk), superclevr or geoqa (jsonl + images)")
     s.add_argument("--split", choices=["A", "B"], default="A", help="CLEVR CoGenT condition")
     s.add_argument("--min-objects", type=int, default=3)
     s.add_argument("--max-objects", type=int, default=10)
@@ -210,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_model)
 
-    p = sub.add_parser("doctor", help="check torch / CUDA / flash-attn / vLLM / transformers and diagnose known breakages")
+    p = sub.add_parser("doctor",
+                       help="check torch / CUDA / flash-attn / vLLM / transformers and diagnose known breakages")
     p.add_argument("--json", action="store_true")
     p.add_argument("--require-gpu", action="store_true", help="fail when no GPU is visible")
     p.set_defaults(func=cmd_doctor)

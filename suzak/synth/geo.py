@@ -248,12 +248,12 @@ def inscribed_angle(rng: np.random.Generator) -> GeoProblem:
     fig = Figure(pts, [("O", "A"), ("O", "B"), ("C", "A"), ("C", "B")], [("O", 1.0)])
     if rng.random() < 0.5:
         given, asked, ans = ("angle AOB", 2 * half), _angle_q("C", "A", "B"), half
-        steps = [f"Angle ACB is an inscribed angle and angle AOB is the central angle on the same arc AB,",
+        steps = ["Angle ACB is an inscribed angle and angle AOB is the central angle on the same arc AB,",
                  f"so angle ACB = 1/2 × angle AOB = 1/2 × {2 * half}° = {half}°."]  # fmt: skip
         target = "ACB"
     else:
         given, asked, ans = ("angle ACB", half), _angle_q("O", "A", "B"), 2 * half
-        steps = [f"Angle AOB is the central angle and angle ACB is an inscribed angle on the same arc AB,",
+        steps = ["Angle AOB is the central angle and angle ACB is an inscribed angle on the same arc AB,",
                  f"so angle AOB = 2 × angle ACB = 2 × {half}° = {2 * half}°."]  # fmt: skip
         target = "AOB"
     return GeoProblem(

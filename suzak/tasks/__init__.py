@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 # R1-V's training prompt: note the two spaces after the question.
-TRAIN_TEMPLATE = "{Question}  Output the thinking process in <think> </think> and final answer (number) in <answer> </answer> tags."
+TRAIN_TEMPLATE = ("{Question}  Output the thinking process in <think> </think> and final answer (number) in "
+                  "<answer> </answer> tags.")
 SUPERCLEVR_EVAL_TEMPLATE = (
-    "{Question} First output the thinking process in <think> </think> and final answer (number) in <answer> </answer> tags."
+    "{Question} First output the thinking process in <think> </think> and final answer (number) in "
+    "<answer> </answer> tags."
 )
-GEOQA_EVAL_TEMPLATE = "{Question} Output the thinking process in <think> </think> and final answer (number) in <answer> </answer> tags."
+GEOQA_EVAL_TEMPLATE = ("{Question} Output the thinking process in <think> </think> and final answer (number) in "
+                       "<answer> </answer> tags.")
 SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
     "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
@@ -121,7 +124,8 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "clevr_count": Task("clevr_count", "number", SUPERCLEVR_EVAL_TEMPLATE, "superclevr", synth_kind="clevr"),
-    "superclevr": Task("superclevr", "number", SUPERCLEVR_EVAL_TEMPLATE, "superclevr", synth_kind="clevr", trainable=False),
+    "superclevr": Task("superclevr", "number", SUPERCLEVR_EVAL_TEMPLATE, "superclevr", synth_kind="clevr",
+                       trainable=False),
     "geoqa": Task("geoqa", "math", GEOQA_EVAL_TEMPLATE, "geoqa", synth_kind="geo", default_max_new_tokens=1024),
 }
 

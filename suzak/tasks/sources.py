@@ -40,7 +40,8 @@ def open_image(path: Path, where: str = ""):
 
     suffix = f" (referenced by {where})" if where else ""
     if not _is_file(path):
-        raise SuzakError(f"image not found: {path}{suffix}; check image_path and the image folder (--data / data.image_root)")
+        raise SuzakError(f"image not found: {path}{suffix}; check image_path and the image folder "
+                         "(--data / data.image_root)")
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
@@ -90,7 +91,8 @@ def _ground_truth(task: Task, value: Any, where: str) -> tuple[Any, str]:
             raise SuzakError(f"{where}: ground_truth must be an integer count for {task.name}, got {value!r}")
         return value, str(value)
     if not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value).strip() == "":
-        raise SuzakError(f"{where}: ground_truth must be a non-empty string (e.g. \"140°\") for {task.name}, got {value!r}")
+        raise SuzakError(f"{where}: ground_truth must be a non-empty string (e.g. \"140°\") for {task.name}, "
+                         f"got {value!r}")
     return str(value), str(value).strip()
 
 
@@ -120,7 +122,8 @@ def read_jsonl_rows(path: Path):
 
 def jsonl_examples(task: Task, path: Path, *, image_root: str | None = None, limit: int | None = None,
                    check_images: bool = True) -> list[Example]:
-    """Read `{"image_path", "question", "ground_truth"}` lines; image paths resolve against image_root or the file's folder."""
+    """Read `{"image_path", "question", "ground_truth"}` lines; image paths resolve against image_root or the file's
+    folder."""
     if not path.is_file():
         raise SuzakError(f"benchmark file {path} not found")
     root = Path(image_root) if image_root else path.parent

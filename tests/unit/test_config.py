@@ -76,7 +76,8 @@ def test_shipped_recipes_validate(recipe):
 
 
 def test_cli_help_is_fast_and_imports_nothing_heavy():
-    code = "import sys, suzak.cli, suzak.config; print(sorted(m for m in ('torch','vllm','transformers') if m in sys.modules))"
+    code = ("import sys, suzak.cli, suzak.config; "
+            "print(sorted(m for m in ('torch','vllm','transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
     start = time.time()

@@ -518,8 +518,8 @@ def test_dockerignore_keeps_secrets_out_and_sources_in():
     for path in (".env", ".env.local", ".venv/bin/python", ".git/HEAD", "runs/x/ckpt.pt", "data/a.jsonl",
                  "tests/unit/test_x.py", "suzak/__pycache__/cli.cpython-312.pyc"):
         assert dockerignore_excludes(path, patterns), path
-    copied = [src for line in re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+)$", DOCKERFILE.read_text(), flags=re.MULTILINE)
-              for src in line.split()[:-1]]
+    copy_lines = re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+)$", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    copied = [src for line in copy_lines for src in line.split()[:-1]]
     assert "docker/requirements-image-cpu.txt" in copied
     for path in ["pyproject.toml", "README.md", "suzak/doctor.py", "configs/x.yaml", "trainer/x.py",
                  "vllm_server/app.py", "evaluator/run.py"] + [c for c in copied if c != "."]:
