@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from suzak.errors import SuzakError
+from suzak.files import write_atomic
 from trainer.distributed import is_main
 
 # Secret-looking names: a word token/secret/password/... ("tokens_per_s" is not one), or *api_key / *private_key.
@@ -247,9 +248,7 @@ class Monitor:
         os.replace(self.path, aside)
         print(f"[{self.stage}] {dropped} metrics line(s) from step {step} on are logged again; the previous "
               f"{self.path.name} is kept as {aside.name}", flush=True)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(k + "\n" for k in kept))
 
     # ------------------------------------------------------------------ logging
 
