@@ -325,7 +325,8 @@ def open_image(path: Path, where: str = ""):
 
     suffix = f" (referenced by {where})" if where else ""
     if not is_file(path):
-        raise SuzakError(f"image not found: {path}{suffix}; check image_path and the image folder (--data / data.image_root)")
+        raise SuzakError(f"image not found: {path}{suffix}; check image_path and the image folder "
+                         "(--data / data.image_root)")
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
