@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 GiB = 1024**3
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,21 @@ def checkout_pythonpath() -> str:
     """PYTHONPATH for a child process (`python -m suzak serve`, `python -m bench.x`) that must import this
     checkout from any working directory."""
     return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+
+def run_and_emit(tag: str, run: Callable[[], dict], name: str) -> int:
+    """A script's exit code: run() (SIGTERM unwinds it, see exit_on_sigterm); a SuzakError is printed as
+    `[tag] error: ...` (2), else the result is emitted as `name` (1 when it records an "error")."""
+    from suzak.errors import SuzakError
+
+    exit_on_sigterm()
+    try:
+        result = run()
+    except SuzakError as e:
+        print(f"[{tag}] error: {e}", file=sys.stderr)
+        return 2
+    emit_result(result, name)
+    return 0 if "error" not in result else 1
 
 
 def exit_on_sigterm() -> None:

@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import GiB, checkout_pythonpath, emit_result, exit_on_sigterm, nvidia_smi, versions
+from bench.common import GiB, checkout_pythonpath, nvidia_smi, run_and_emit, versions
 from bench.make_arch import ARCH_CHOICES, has_weights, install_random_init_loader, make_arch
 from suzak.errors import SuzakError
 
@@ -571,14 +571,7 @@ def build_result(args, ctx, records, params, shape, memory, startup, push) -> di
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_on_sigterm()
-    try:
-        result = run(args)
-    except SuzakError as e:
-        print(f"[bench] error: {e}", file=sys.stderr)
-        return 2
-    emit_result(result, f"grpo_step_{args.arch}.json")
-    return 0
+    return run_and_emit("bench", lambda: run(args), f"grpo_step_{args.arch}.json")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 from bench import grpo_step
-from bench.common import emit_result, exit_on_sigterm, versions
+from bench.common import run_and_emit, versions
 from bench.make_arch import ARCH_CHOICES, install_random_init_loader
-from suzak.errors import SuzakError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -179,14 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(result))
         print(f"plot: {plot(result, args.plot.with_suffix('.png'))}")
         return 0
-    exit_on_sigterm()
-    try:
-        result = run(args, rest)
-    except SuzakError as e:
-        print(f"[scaling] error: {e}", file=sys.stderr)
-        return 2
-    emit_result(result, f"scaling_{args.arch}.json")
-    return 0
+    return run_and_emit("scaling", lambda: run(args, rest), f"scaling_{args.arch}.json")
 
 
 if __name__ == "__main__":

@@ -32,9 +32,8 @@ import time
 from pathlib import Path
 
 from bench import grpo_step
-from bench.common import GiB, checkout_pythonpath, emit_result, exit_on_sigterm, nvidia_smi
+from bench.common import GiB, checkout_pythonpath, exit_on_sigterm, nvidia_smi, run_and_emit
 from bench.make_arch import ARCH_CHOICES, build_random_model, has_weights, make_arch
-from suzak.errors import SuzakError
 
 LIGHTER = {"full": "frozen_vision", "frozen_vision": "lora"}
 TRL_MODULES = ["torch", "transformers", "accelerate", "peft", "trl", "datasets", "yaml", "PIL"]
@@ -376,17 +375,11 @@ def _last_error(tail: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    exit_on_sigterm()
     if args.attempt:
+        exit_on_sigterm()
         print(ATTEMPT_PREFIX + json.dumps(run_attempt(args, json.loads(args.attempt))), flush=True)
         return 0
-    try:
-        result = orchestrate(args, argv)
-    except SuzakError as e:
-        print(f"[trl] error: {e}", file=sys.stderr)
-        return 2
-    emit_result(result, f"trl_baseline_{args.arch}.json")
-    return 0 if "error" not in result else 1
+    return run_and_emit("trl", lambda: orchestrate(args, argv), f"trl_baseline_{args.arch}.json")
 
 
 if __name__ == "__main__":
