@@ -19,9 +19,9 @@ from PIL import Image
 from suzak import wire
 from suzak.config import ModelConfig
 from suzak.errors import SuzakError
+from suzak.prompts import fit_images
 from vllm_server import client as client_mod
 from vllm_server.app import admin_token_for, create_app
-from suzak.prompts import fit_images
 from vllm_server.client import RolloutClient, check_compatible, free_port
 from vllm_server.engine import Engine, RequestError, safetensors_shards
 from suzak.images import budget_size, encode_image_data_url, load_image, resize_to_budget
@@ -502,3 +502,31 @@ def test_each_prompt_of_a_seeded_request_gets_its_own_seed():
     seeds = [engine._sampling(wire.SamplingParams(seed=7, n=2), 8, i).seed for i in range(3)]
     assert seeds == [7, 8, 9]
     assert engine._sampling(wire.SamplingParams(seed=None), 8, 2).seed is None
+
+
+def test_local_server_is_ready_inside_the_block_and_stopped_after_it(monkeypatch, tmp_path):
+    from suzak.config import load_config
+
+    events = []
+    monkeypatch.setattr(client_mod, "spawn_local_server",
+                        lambda cfg, log_path, env=None: (events.append(("spawn", cfg.model.name_or_path))
+                                                         or (f"process-{len(events)}", "http://127.0.0.1:9")))
+    monkeypatch.setattr(client_mod, "wait_local_server", lambda p, url, timeout_s, log: events.append(("wait", p)))
+    monkeypatch.setattr(client_mod, "stop_local_server", lambda p: events.append(("stop", p)))
+    cfg = load_config(None, ["model.name_or_path=a"])
+    with client_mod.LocalServer(cfg, tmp_path / "server.log") as server:
+        assert server.url == "http://127.0.0.1:9" and events == [("spawn", "a"), ("wait", "process-1")]
+        server.wait()  # already ready: no second spawn or wait
+        server.restart(load_config(None, ["model.name_or_path=b"]))  # after a crash, on other weights
+    assert events[2:] == [("stop", "process-1"), ("spawn", "b"), ("wait", "process-4"), ("stop", "process-4")]
+    assert server.process is None
+
+    def fail(*a):
+        raise SuzakError("not ready")  # wait_local_server stops the server itself before raising
+
+    monkeypatch.setattr(client_mod, "wait_local_server", fail)
+    events.clear()
+    early = client_mod.LocalServer(cfg, tmp_path / "server.log").spawn()  # start-up overlapping other work
+    with pytest.raises(SuzakError, match="not ready"), early:
+        pass
+    assert events == [("spawn", "a")] and early.process is None
