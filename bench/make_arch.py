@@ -1,8 +1,8 @@
 """Benchmark model folders: Qwen2.5-VL with the real 3B or 7B architecture, random or no weights, built offline.
 
-    python bench/make_arch.py /tmp/suzak-bench/7b --arch 7b              # config + tokenizer + processor only
-    python bench/make_arch.py /tmp/suzak-bench/3b --arch 3b --weights    # also random bf16 safetensors (GPU if any)
-    python bench/make_arch.py /tmp/suzak-bench/tiny --arch tiny          # suzak's tiny model (CPU smoke runs)
+    python -m bench.make_arch /tmp/suzak-bench/7b --arch 7b              # config + tokenizer + processor only
+    python -m bench.make_arch /tmp/suzak-bench/3b --arch 3b --weights    # also random bf16 safetensors (GPU if any)
+    python -m bench.make_arch /tmp/suzak-bench/tiny --arch tiny          # suzak's tiny model (CPU smoke runs)
 
 Performance work needs the real shapes, not the real weights. Without `--weights` the folder holds no
 safetensors: vLLM loads it with load_format="dummy" (SUZAK_VLLM_ENGINE_ARGS, see bench/grpo_step.py) and the
@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
-
-from suzak.errors import SuzakError  # noqa: E402
-from trainer.memory import KNOWN_ARCHS  # noqa: E402
+from suzak.errors import SuzakError
+from trainer.memory import KNOWN_ARCHS
 
 STAMP_FILE = "suzak-bench-arch.json"
 STAMP_VERSION = 1

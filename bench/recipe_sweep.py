@@ -1,9 +1,9 @@
 """Run several `suzak train` recipes side by side on one machine, then tabulate their held-out accuracy.
 
-    python bench/recipe_sweep.py --out /tmp/sweep --threads 3 \
+    python -m bench.recipe_sweep --out /tmp/sweep --threads 3 \
         --run 'cold=sft.max_steps=120 grpo.steps=300 eval.every_steps=50' \
         --run 'hot=sft.max_steps=120 grpo.steps=300 grpo.optim.lr=3e-4 grpo.beta=0.04'
-    python bench/recipe_sweep.py --table /tmp/sweep/recipe_sweep.json     # the Markdown table of a saved record
+    python -m bench.recipe_sweep --table /tmp/sweep/recipe_sweep.json     # the Markdown table of a saved record
 
 Each run is `python -m suzak train --out OUT/NAME <overrides>` with its own CPU thread
 budget (OMP_NUM_THREADS), because runs that share a host without one starve each other's CPU-side prompt
@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Several suzak train recipes side by side.")
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("give at least one --run NAME=OVERRIDES")
     record = run_all(args)
     print(table(record), flush=True)
-    from grpo_step import emit_result
+    from bench.common import emit_result
 
     emit_result(record, "recipe_sweep.json")
     return 0 if all(r["returncode"] == 0 for r in record["runs"]) else 1

@@ -1,8 +1,8 @@
 """How the GRPO step grows with G, completion length and image size (max_pixels), on one server and learner.
 
-    python bench/scaling.py --arch 7b --prompts 16                 # H100: one warm-up, then 7 points
-    python bench/scaling.py --plot bench/scaling_7b_h100.json      # the table (Markdown) and a PNG from a result
-    python bench/scaling.py --arch tiny --prompts 2 --G-values 2 4 --completions 8 --visual-tokens-values 16
+    python -m bench.scaling --arch 7b --prompts 16                 # H100: one warm-up, then 7 points
+    python -m bench.scaling --plot bench/scaling_7b_h100.json      # the table (Markdown) and a PNG from a result
+    python -m bench.scaling --arch tiny --prompts 2 --G-values 2 4 --completions 8 --visual-tokens-values 16
 
 The reference point is bench/grpo_step.py's (G=8, 256 completion tokens, 512 visual tokens, 300 text tokens);
 each other point changes one of the three. All points share one `suzak serve` (sized for the largest) and one
@@ -19,13 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import grpo_step  # noqa: E402  (also sets the offline / vLLM environment defaults)
-from make_arch import ARCH_CHOICES, install_random_init_loader  # noqa: E402
-
-from suzak.errors import SuzakError  # noqa: E402
+from bench import grpo_step
+from bench.common import run_and_emit, versions
+from bench.make_arch import ARCH_CHOICES, install_random_init_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +79,7 @@ def set_point(learner, ns: argparse.Namespace, processor, task) -> dict:
 def run(args, rest: list[str]) -> dict:
     from suzak.models import load_processor
     from suzak.tasks import get_task
-    from vllm_server.client import RolloutClient, start_local_server, stop_local_server
+    from vllm_server.client import LocalServer, RolloutClient
 
     grpo_step.preflight(grpo_step.LEARNER_MODULES + grpo_step.SERVER_MODULES)
     install_random_init_loader()
@@ -96,31 +92,30 @@ def run(args, rest: list[str]) -> dict:
     results = []
     try:
         t0 = time.perf_counter()
-        process, url = start_local_server(cfg, ctx["run_dir"] / "server.log",
-                                          env=grpo_step.server_env(ctx["model_dir"], token), timeout_s=1800)
-        server_start = round(time.perf_counter() - t0, 1)
-        client = grpo_step.TokenCountingClient(RolloutClient(url, timeout=cfg.server.request_timeout_s))
-        try:
-            reference = points(args)[0]
-            learner = grpo_step.build_learner(cfg, task, [], client, ctx["run_dir"] / "grpo")
-            learner.push_weights()
-            ns = step_args(args, rest, reference)
-            set_point(learner, ns, processor, task)
-            grpo_step.time_steps(ns, learner, client, warmup=1, steps=0)  # warm-up at the reference point
-            for point in points(args):
-                ns = step_args(args, rest, point)
-                shape = set_point(learner, ns, processor, task)
-                records = grpo_step.time_steps(ns, learner, client, warmup=0, steps=args.steps)
-                results.append(summarize_point(point, shape, records))
-                print(f"[scaling] {results[-1]}", flush=True)
-        finally:
-            client.close()
-            stop_local_server(process)
+        with LocalServer(cfg, ctx["run_dir"] / "server.log", env=grpo_step.server_env(ctx["model_dir"], token),
+                         timeout_s=1800) as server:
+            server_start = round(time.perf_counter() - t0, 1)
+            client = grpo_step.TokenCountingClient(RolloutClient(server.url, timeout=cfg.server.request_timeout_s))
+            try:
+                reference = points(args)[0]
+                learner = grpo_step.build_learner(cfg, task, [], client, ctx["run_dir"] / "grpo")
+                learner.push_weights()
+                ns = step_args(args, rest, reference)
+                set_point(learner, ns, processor, task)
+                grpo_step.time_steps(ns, learner, client, warmup=1, steps=0)  # warm-up at the reference point
+                for point in points(args):
+                    ns = step_args(args, rest, point)
+                    shape = set_point(learner, ns, processor, task)
+                    records = grpo_step.time_steps(ns, learner, client, warmup=0, steps=args.steps)
+                    results.append(summarize_point(point, shape, records))
+                    print(f"[scaling] {results[-1]}", flush=True)
+            finally:
+                client.close()
     finally:
         grpo_step.reap_server(token)
     return {"bench": "scaling", "arch": args.arch, "device": ctx["device_name"], "prompts": args.prompts,
             "train": ctx["mode"], "server_start_s": server_start, "points": results,
-            "versions": grpo_step._versions(), "share_prompt": cfg.grpo.share_prompt}
+            "versions": versions(), "share_prompt": cfg.grpo.share_prompt}
 
 
 def summarize_point(point: dict, shape: dict, records: list[dict]) -> dict:
@@ -183,14 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(result))
         print(f"plot: {plot(result, args.plot.with_suffix('.png'))}")
         return 0
-    grpo_step._exit_on_sigterm()
-    try:
-        result = run(args, rest)
-    except SuzakError as e:
-        print(f"[scaling] error: {e}", file=sys.stderr)
-        return 2
-    grpo_step.emit_result(result, f"scaling_{args.arch}.json")
-    return 0
+    return run_and_emit("scaling", lambda: run(args, rest), f"scaling_{args.arch}.json")
 
 
 if __name__ == "__main__":

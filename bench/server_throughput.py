@@ -1,7 +1,7 @@
 """Benchmark: generation throughput through `suzak serve` (HTTP) against vLLM's offline LLM on the same batch.
 
-    python bench/server_throughput.py --model 7b --prompts 64 --n 8 --max-tokens 256        # H100, 7B shapes
-    python bench/server_throughput.py --model tiny --prompts 4 --n 2 --max-tokens 16 --gpu-memory-utilization 0.12
+    python -m bench.server_throughput --model 7b --prompts 64 --n 8 --max-tokens 256        # H100, 7B shapes
+    python -m bench.server_throughput --model tiny --prompts 4 --n 2 --max-tokens 16 --gpu-memory-utilization 0.12
 
 Both sides get identical work: `--prompts` chat prompts with one random `--image-size` image each (resized to the
 pixel budget), n samples per prompt, `--max-tokens` tokens each (ignore_eos, temperature 1, seeded). HTTP runs
@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from weight_sync import _nvidia_present, model_dir  # noqa: E402
+from bench.common import nvidia_present
+from bench.weight_sync import model_dir
 
 QUESTION = "How many items are there in the image? Output the thinking process in <think> </think> and final " \
            "answer (number) in <answer> </answer> tags."
@@ -41,15 +38,14 @@ def images(count: int, size: int, min_pixels: int, max_pixels: int) -> list:
 
 def run_http(args, cfg, imgs, engine_args: dict) -> dict:
     from suzak import wire
-    from vllm_server.client import RolloutClient, start_local_server, stop_local_server
     from suzak.images import encode_image_data_url
+    from vllm_server.client import LocalServer, RolloutClient
 
     env = {"SUZAK_VLLM_ENGINE_ARGS": json.dumps(engine_args)} if engine_args else {}
     t0 = time.perf_counter()
-    process, url = start_local_server(cfg, Path(args.out) / "server.log", env=env, timeout_s=1200)
-    start_s = time.perf_counter() - t0
-    try:
-        client = RolloutClient(url, timeout=3600)
+    with LocalServer(cfg, Path(args.out) / "server.log", env=env, timeout_s=1200) as server:
+        start_s = time.perf_counter() - t0
+        client = RolloutClient(server.url, timeout=3600)
         refs = [encode_image_data_url(im) for im in imgs]
         sampling = wire.SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True,
                                        seed=0, logprobs=True)
@@ -78,8 +74,6 @@ def run_http(args, cfg, imgs, engine_args: dict) -> dict:
                        f"{key}_tok_per_s": round(tokens / seconds, 1),
                        f"{key}_server_seconds": round(max(r.seconds for r in responses), 3)}
         return result
-    finally:
-        stop_local_server(process)
 
 
 def run_offline(args, cfg, imgs, engine_args: dict) -> dict:
@@ -131,7 +125,7 @@ def main() -> None:
     from suzak.images import visual_tokens
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    on_gpu = _nvidia_present()
+    on_gpu = nvidia_present()
     path, engine_args = model_dir(args.model, Path(args.out))
     cfg = load_config(None, [
         f"out_dir={args.out}", f"model.name_or_path={path}", "model.min_pixels=3136", "model.max_pixels=401408",

@@ -4,8 +4,8 @@ Times the whole job wall-clock, pool start-up and per-process shape-cache warm-u
   - "generate": clevr_sample for every index in a spawn pool (images stay in memory; PIL image objects),
   - "write" (with --write): write_dataset(..., fmt="superclevr"), i.e. generation + PNG encoding + files.
 
-    .venv/bin/python bench/synth_speed.py                      # 10k images, 2 workers
-    .venv/bin/python bench/synth_speed.py --n 2000 --workers 1 --write
+    .venv/bin/python -m bench.synth_speed                      # 10k images, 2 workers
+    .venv/bin/python -m bench.synth_speed --n 2000 --workers 1 --write
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from suzak.synth import clevr_sample  # noqa: E402
-from suzak.synth.writers import write_dataset  # noqa: E402
+from suzak.synth import clevr_sample
+from suzak.synth.writers import write_dataset
 
 _ARGS: dict = {}
 

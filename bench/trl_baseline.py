@@ -1,8 +1,8 @@
 """Baseline: TRL 1.16's GRPOTrainer on the same reference step as bench/grpo_step.py, in its fastest one-GPU mode.
 
-    python bench/trl_baseline.py --arch 7b                        # H100: vLLM colocate, 7B shapes, LoRA
-    python bench/trl_baseline.py --arch 3b --train lora
-    python bench/trl_baseline.py --arch tiny --prompts 2 --G 2 --completion 8 --warmup 0    # CPU smoke (no vLLM)
+    python -m bench.trl_baseline --arch 7b                        # H100: vLLM colocate, 7B shapes, LoRA
+    python -m bench.trl_baseline --arch 3b --train lora
+    python -m bench.trl_baseline --arch tiny --prompts 2 --G 2 --completion 8 --warmup 0    # CPU smoke (no vLLM)
 
 Same model folder (bench/make_arch.py, random weights), same 64 prompts x G=8 with one 896x448 image (512 visual
 tokens) and ~300 other prompt tokens each (bench/grpo_step.make_examples), 256 completion tokens with EOS ignored
@@ -31,13 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import grpo_step  # noqa: E402  (also sets the offline / vLLM environment defaults)
-from make_arch import ARCH_CHOICES, build_random_model, has_weights, make_arch  # noqa: E402
-
-from suzak.errors import SuzakError  # noqa: E402
+from bench import grpo_step
+from bench.common import GiB, checkout_pythonpath, exit_on_sigterm, nvidia_smi, run_and_emit
+from bench.make_arch import ARCH_CHOICES, build_random_model, has_weights, make_arch
 
 LIGHTER = {"full": "frozen_vision", "frozen_vision": "lora"}
 TRL_MODULES = ["torch", "transformers", "accelerate", "peft", "trl", "datasets", "yaml", "PIL"]
@@ -274,8 +270,8 @@ def run_attempt(args, attempt: dict) -> dict:
         "completion_len_mean": last.get("completions/mean_length"),
         "shape": {"prompts": args.prompts, "G": args.G, "rollouts": args.prompts * args.G,
                   "completion_tokens": args.completion, "micro_batch": args.micro_batch, **shape},
-        "memory": {"max_allocated_gib": round(torch.cuda.max_memory_allocated() / grpo_step.GiB, 2),
-                   "max_reserved_gib": round(torch.cuda.max_memory_reserved() / grpo_step.GiB, 2)} if on_cuda else {},
+        "memory": {"max_allocated_gib": round(torch.cuda.max_memory_allocated() / GiB, 2),
+                   "max_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 2)} if on_cuda else {},
         "setting": {"beta": args.beta, "gradient_checkpointing": True, "lora": mode == "lora",
                     "freeze_vision": mode in ("lora", "frozen_vision"),
                     "gpu_memory_utilization": args.gpu_memory_utilization, "ignore_eos": True,
@@ -305,7 +301,7 @@ def first_attempt(args) -> tuple[dict, str | None]:
 def _gpu_total_bytes() -> float:
     """The card's memory, read without a CUDA context in this process (the child needs the whole card)."""
     try:
-        return float(grpo_step._nvidia_smi("--query-gpu=memory.total")[0][0]) * 2**20
+        return float(nvidia_smi("--query-gpu=memory.total")[0][0]) * 2**20
     except Exception:  # noqa: BLE001 - no nvidia-smi: ask torch
         import torch
 
@@ -327,10 +323,11 @@ def next_attempt(attempt: dict, log_tail: str) -> tuple[dict | None, str]:
 
 def run_child(argv: list[str], attempt: dict) -> tuple[dict | None, str]:
     """Run one attempt in a child process, echoing its output; (RESULT or None, the output's tail)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--attempt", json.dumps(attempt)]
+    cmd = [sys.executable, "-m", "bench.trl_baseline", *argv, "--attempt", json.dumps(attempt)]
     tail: collections.deque[str] = collections.deque(maxlen=300)
     result = None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env={**os.environ, "PYTHONPATH": checkout_pythonpath()})
     try:
         for line in proc.stdout:
             print(line, end="", flush=True)
@@ -378,17 +375,11 @@ def _last_error(tail: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    grpo_step._exit_on_sigterm()
     if args.attempt:
+        exit_on_sigterm()
         print(ATTEMPT_PREFIX + json.dumps(run_attempt(args, json.loads(args.attempt))), flush=True)
         return 0
-    try:
-        result = orchestrate(args, argv)
-    except SuzakError as e:
-        print(f"[trl] error: {e}", file=sys.stderr)
-        return 2
-    grpo_step.emit_result(result, f"trl_baseline_{args.arch}.json")
-    return 0 if "error" not in result else 1
+    return run_and_emit("trl", lambda: orchestrate(args, argv), f"trl_baseline_{args.arch}.json")
 
 
 if __name__ == "__main__":

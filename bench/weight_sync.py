@@ -1,12 +1,13 @@
 """Benchmark: push learner weights into a running `suzak serve`, and check the server really serves them.
 
-    python bench/weight_sync.py --model 7b --transport ipc --repeats 3            # H100: 7B shapes, CUDA IPC
-    python bench/weight_sync.py --model 7b --transport ipc --set server.direct_weight_load=false   # vLLM's path
-    python bench/weight_sync.py --model 7b --transport ipc --packed --bucket-mb 2048
-    python bench/weight_sync.py --model tiny --transport files                    # CPU smoke check
+    python -m bench.weight_sync --model 7b --transport ipc --repeats 3            # H100: 7B shapes, CUDA IPC
+    python -m bench.weight_sync --model 7b --transport ipc --set server.direct_weight_load=false   # vLLM's path
+    python -m bench.weight_sync --model 7b --transport ipc --packed --bucket-mb 2048
+    python -m bench.weight_sync --model tiny --transport files                    # CPU smoke check
 
 Starts the server first (vLLM sizes its KV cache from the memory it sees free), then builds the learner's model
-(random init; 7b = Qwen2.5-VL-7B shapes, with the server on dummy weights), pushes it `--repeats` times and times
+(random init; 7b = Qwen2.5-VL-7B shapes, with the server on dummy weights), takes the learner's own transport
+(trainer.weight_push.choose_transport for server.transport), pushes it `--repeats` times and times
 each push end to end plus the server's phases (pause with cache clearing, start, load, finish, resume). The check
 pushes a perturbed copy (lm_head/embeddings negated) and then the original: greedy tokens must change, then come
 back identical. Prints one line `RESULT {json}`.
@@ -16,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
+from bench.common import nvidia_present
 
 QWEN25VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                         num_key_value_heads=4, max_window_layers=28, vocab_size=152064, max_position_embeddings=128000,
@@ -102,17 +101,15 @@ def main() -> None:
 
 
 def run(args) -> None:
-    import torch
-
     from suzak.config import load_config
-    from vllm_server.client import RolloutClient, start_local_server, stop_local_server
     from suzak.images import encode_image_data_url
-    from vllm_server.transport import FilesTransport, IPCTransport, NCCLTransport
+    from trainer.weight_push import choose_transport
+    from vllm_server.client import LocalServer, RolloutClient
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # No torch.cuda call before the server is up: vLLM sizes its KV cache from the free memory it sees.
-    on_gpu = _nvidia_present()
+    on_gpu = nvidia_present()
     transport_name = args.transport or ("ipc" if on_gpu else "files")
     path, engine_args = model_dir(args.model, out)
     dtype = "bfloat16" if on_gpu else "float32"
@@ -120,15 +117,15 @@ def run(args) -> None:
         f"out_dir={out}", f"model.name_or_path={path}", "model.min_pixels=3136", "model.max_pixels=200704",
         f"server.dtype={dtype}", f"server.gpu_memory_utilization={args.gpu_memory_utilization if on_gpu else 0.12}",
         f"server.max_model_len={args.max_model_len}", "server.enforce_eager=true", "server.max_num_seqs=32",
-        f"server.transport={'files' if transport_name == 'files' else transport_name}", *args.overrides])
+        f"server.transport={transport_name}", f"server.bucket_mb={args.bucket_mb}", *args.overrides])
     t0 = time.perf_counter()
     env = {"SUZAK_VLLM_ENGINE_ARGS": json.dumps(engine_args)} if engine_args else {}
-    process, url = start_local_server(cfg, out / "server.log", env=env, timeout_s=1200)
+    server = LocalServer(cfg, out / "server.log", env=env, timeout_s=1200).wait()
     result: dict = {"bench": "weight_sync", "model": args.model, "transport": transport_name, "packed": args.packed,
                     "bucket_mb": args.bucket_mb, "server_start_s": round(time.perf_counter() - t0, 1),
                     "direct_weight_load": cfg.server.direct_weight_load, "overrides": args.overrides}
-    try:
-        client = RolloutClient(url, timeout=1200)
+    with server:
+        client = RolloutClient(server.url, timeout=1200)
         info = client.info()
         result.update(engine_version=info.engine_version, server_dtype=info.dtype)
         device = args.learner_device or ("cuda:0" if on_gpu else "cpu")
@@ -137,12 +134,9 @@ def run(args) -> None:
         weights = dict(model.named_parameters())
         result.update(learner_init_s=round(time.perf_counter() - t, 2), tensors=len(weights),
                       gbytes=round(sum(w.numel() * w.element_size() for w in weights.values()) / 1e9, 3))
+        transport = choose_transport(cfg, device, info, out_dir=out)  # the learner's own choice and settings
         if transport_name == "ipc":
-            transport = IPCTransport(packed=args.packed, bucket_mb=args.bucket_mb)
-        elif transport_name == "nccl":
-            transport = NCCLTransport(master_port=cfg.server.nccl_port, bucket_mb=args.bucket_mb, device=device)
-        else:
-            transport = FilesTransport(out / "push", bucket_mb=args.bucket_mb)
+            transport.packed = args.packed  # the learner pushes unpacked; --packed measures the other layout
         t = time.perf_counter()
         transport.init(client)
         result["init_s"] = round(time.perf_counter() - t, 3)
@@ -167,8 +161,6 @@ def run(args) -> None:
             restored = greedy_tokens(client, image)
             result.update(check_changed=changed != pushed, check_restored=restored == pushed,
                           final_version=client.info().policy_version)
-    finally:
-        stop_local_server(process)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -177,11 +169,6 @@ def _test_image():
     from PIL import Image
 
     return Image.fromarray(np.random.RandomState(0).randint(0, 256, (224, 224, 3), dtype=np.uint8))
-
-
-def _nvidia_present() -> bool:
-    # Reads the driver's device list without creating a CUDA context in this process.
-    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from suzak.files import write_atomic
+
 THUMB_SIZE = 192  # px, longest side: enough to count CLEVR objects, small enough for 754 GeoQA cards
 
 
@@ -108,10 +110,7 @@ def write_report(path: str | Path, records: list[dict], summary: dict, *, images
         "show only wrong</label><p></p>"
         f'<div class="grid">\n{cards}\n</div></body></html>'
     )
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, page)
 
 
 # --------------------------------------------------------------------------- console

@@ -13,6 +13,7 @@ eval.every_steps GRPO steps, after GRPO) with its own client, so training-time a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -23,7 +24,9 @@ from typing import Any, Callable
 from suzak import wire
 from suzak.config import save_config
 from suzak.errors import SuzakError
+from suzak.files import write_atomic
 from suzak.log import Progress, get_logger
+from suzak.prompts import example_prompt
 from suzak.tasks import Example, Task
 from suzak.tasks.sources import read_jsonl_rows
 from evaluator.benchmarks import Benchmark, describe_data, get_benchmark, load_benchmark, max_new_tokens_for
@@ -42,16 +45,6 @@ DEFAULT_BATCH_SIZE = 32  # prompts per HTTP request: big enough to keep vLLM bus
 def greedy_sampling(max_new_tokens: int) -> wire.SamplingParams:
     """R1-V's eval decoding: greedy (do_sample=False), one completion, no log-probs needed."""
     return wire.SamplingParams(n=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=max_new_tokens, logprobs=False)
-
-
-def build_prompt(task: Task, example: Example, *, prompt: str, system: bool, min_pixels: int,
-                 max_pixels: int) -> wire.Prompt:
-    """One wire prompt; the image is resized to the server's pixel budget (it rejects larger ones) and inlined."""
-    from suzak.images import encode_image_data_url, resize_to_budget
-
-    image = resize_to_budget(example.load_image(), min_pixels, max_pixels)
-    messages = task.messages(example, prompt=prompt, system=system, image_ref=encode_image_data_url(image))
-    return wire.Prompt.model_validate({"messages": messages})
 
 
 def prediction_record(example: Example, output: str, score) -> dict:
@@ -110,8 +103,8 @@ def evaluate(client, task: Task, examples: list[Example], *, scoring: str = "r1v
     records, failures = [], []
     for lo in range(0, len(examples), batch_size):
         batch = examples[lo:lo + batch_size]
-        prompts = [build_prompt(task, ex, prompt=prompt, system=system, min_pixels=min_pixels, max_pixels=max_pixels)
-                   for ex in batch]
+        prompts = [example_prompt(task, ex, prompt=prompt, system=system, min_pixels=min_pixels,
+                                  max_pixels=max_pixels) for ex in batch]
         response = client.generate(wire.GenerateRequest(prompts=prompts, sampling=sampling))
         if len(response.results) != len(batch):
             raise RuntimeError(f"server answered {len(response.results)} results for {len(batch)} prompts")
@@ -154,17 +147,10 @@ def write_outputs(out_dir: str | Path, records: list[dict], summary: dict, *, im
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({k: r[k] for k in PREDICTION_FIELDS}, ensure_ascii=False) + "\n" for r in records)
-    paths = {"predictions": _write_atomic(out / "predictions.jsonl", lines),
-             "summary": _write_atomic(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")}
+    paths = {"predictions": write_atomic(out / "predictions.jsonl", lines),
+             "summary": write_atomic(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")}
     paths["report"] = write_report(out / "report.html", records, summary, images=images, image_base=image_base)
     return paths
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def save_synth_images(examples: list[Example], folder: Path) -> None:
@@ -334,29 +320,23 @@ def _run_model(bench: Benchmark, data: str | None, cfg, out: Path) -> tuple[list
     if bench.synthetic:
         save_synth_images(examples, out / "images")
     out.mkdir(parents=True, exist_ok=True)
-    process = None
-    try:
+    with contextlib.ExitStack() as stack:
         if cfg.server.url:
             log.info(f"connecting to the rollout server at {cfg.server.url}")
             client = connect(cfg.server.url, cfg)
             label = None  # the server's own model name
         else:
-            from vllm_server.client import start_local_server
+            from vllm_server.client import LocalServer
 
             log_path = out / "server" / "server.log"
             log.info(f"starting a local rollout server for {cfg.model.name_or_path} (log: {log_path})")
-            process, url = start_local_server(cfg, log_path)  # returns once the engine is loaded
-            client = connect(url, cfg)
+            server = stack.enter_context(LocalServer(cfg, log_path))  # entered once the engine is loaded
+            client = connect(server.url, cfg)
             label = cfg.model.name_or_path
         # The system prompt belongs to the training setup, so it comes only with the training prompt.
         system = cfg.data.system_prompt and cfg.eval.prompt == "train"
         records, summary = evaluate(client, bench.task, examples, scoring=cfg.eval.scoring, prompt=cfg.eval.prompt,
                                     max_new_tokens=cfg.eval.max_new_tokens, batch_size=DEFAULT_BATCH_SIZE,
                                     progress=cfg.logging.progress, system=system, benchmark=bench.name, model=label)
-    finally:
-        if process is not None:
-            from vllm_server.client import stop_local_server
-
-            stop_local_server(process)
     summary["data"] = data_desc
     return records, summary, images

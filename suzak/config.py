@@ -9,7 +9,6 @@ pydantic and yaml, so it validates a config before anything heavy (torch, vLLM) 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from suzak.errors import SuzakError
+from suzak.files import write_atomic
 
 
 class Section(BaseModel):
@@ -413,11 +413,7 @@ def save_config(cfg: RunConfig, folder: str | Path, name: str = "config.yaml") -
     """Write the resolved config next to an output, atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / name
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, target)
-    return target
+    return write_atomic(folder / name, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def explain(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:

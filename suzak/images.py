@@ -247,7 +247,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def smart_resize_copy(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """qwen-vl-utils' smart_resize, line for line, for machines without that package (tests check they agree)."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:
@@ -309,3 +310,26 @@ def check_pixels(img: Image.Image, max_pixels: int, field: str | None = None) ->
     """The server refuses images over its budget instead of silently shrinking them differently from the learner."""
     if img.width * img.height > max_pixels:
         raise _too_many_pixels(img.width, img.height, max_pixels, field)
+
+
+def is_file(path: Path) -> bool:
+    """Path.is_file, False (not an error) for a path that cannot be stat-ed (a symlink loop, a long name)."""
+    try:
+        return path.is_file()
+    except (OSError, RuntimeError):
+        return False
+
+
+def open_image(path: Path, where: str = ""):
+    """Open an image file as RGB, naming the file (and the jsonl line) when it is missing or corrupt."""
+    from PIL import Image
+
+    suffix = f" (referenced by {where})" if where else ""
+    if not is_file(path):
+        raise SuzakError(f"image not found: {path}{suffix}; check image_path and the image folder "
+                         "(--data / data.image_root)")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:  # PIL: UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError ...
+        raise SuzakError(f"image {path}{suffix} is corrupt or not an image ({e}); re-download or remove it") from None

@@ -168,11 +168,12 @@ class GRPOLearner:
     # ------------------------------------------------------------------ weights
 
     def _connect_transport(self):
-        from vllm_server.client import check_compatible, weight_transport
+        from trainer.weight_push import choose_transport
+        from vllm_server.client import check_compatible
 
         info = self.client.info()
         check_compatible(info, self.cfg.model)
-        self.transport = weight_transport(self.cfg, self.device, info, out_dir=self.out_dir)
+        self.transport = choose_transport(self.cfg, self.device, info, out_dir=self.out_dir)
         self.transport.init(self.client)
         return info
 

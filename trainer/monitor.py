@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from suzak.errors import SuzakError
+from suzak.files import write_atomic
 from suzak.log import Progress, get_logger
 from trainer.distributed import is_main
 
@@ -247,9 +248,7 @@ class Monitor:
         os.replace(self.path, aside)
         get_logger(self.stage).info(f"{dropped} metrics line(s) from step {step} on are logged again; the "
                                     f"previous {self.path.name} is kept as {aside.name}")
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(k + "\n" for k in kept))
 
     # ------------------------------------------------------------------ logging
 

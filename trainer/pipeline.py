@@ -13,6 +13,7 @@ Outputs: config.yaml, sft/final, grpo/final, *_metrics.jsonl, eval/*.json, summa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -21,6 +22,7 @@ from typing import NamedTuple
 
 from suzak.config import RunConfig, save_config
 from suzak.errors import SuzakError
+from suzak.files import write_atomic
 from suzak.log import get_logger
 from suzak.tasks import Example, get_task
 from trainer.report import set_label
@@ -33,9 +35,7 @@ log = get_logger()
 
 def _write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def stage_model(cfg: RunConfig) -> str:
@@ -79,29 +79,32 @@ def stage_sft(cfg: RunConfig, task, examples: list[Example], out: Path) -> str:
 
 
 def _start_server(cfg: RunConfig, model_path: str, out: Path, early=None):
-    """A local rollout server on the given weights, unless server.url points at a running one.
+    """(LocalServer, client): a local rollout server on the given weights, ready; (None, client) when server.url
+    points at a running one.
 
-    `early` is a server spawned by `_spawn_server_during_sft` on the base weights: it is waited for and handed
+    `early` is a LocalServer spawned by `_spawn_server_during_sft` on the base weights: it is waited for and handed
     `model_path`'s weights instead of starting another."""
-    from vllm_server.client import RolloutClient, start_local_server, wait_local_server
+    from vllm_server.client import LocalServer, RolloutClient
 
     if cfg.server.url:
         client = RolloutClient.for_config(cfg.server.url, cfg, token=os.environ.get("SUZAK_SERVER_TOKEN"))
         client.wait_ready(cfg.server.startup_timeout_s)
         return None, client
     if early is not None:
-        process, url = early
-        wait_local_server(process, url, cfg.server.startup_timeout_s, out / "server.log")
-        client = RolloutClient.for_config(url, cfg)
+        early.wait()
+        client = RolloutClient.for_config(early.url, cfg)
         log.info(f"server: loading {model_path} into the server started during SFT")
         _ensure_server_has(client, cfg, Path(model_path), version=0)
-        return process, client
+        return early, client
+    log.info(f"server: starting a local vLLM server on {model_path} (log: {out / 'server.log'})")
+    server = LocalServer(_server_config(cfg, model_path), out / "server.log").wait()
+    return server, RolloutClient.for_config(server.url, cfg)
+
+
+def _server_config(cfg: RunConfig, model_path: str) -> RunConfig:
     server_cfg = cfg.model_copy(deep=True)
     server_cfg.model.name_or_path = model_path
-    log.info(f"server: starting a local vLLM server on {model_path} (log: {out / 'server.log'})")
-    process, url = start_local_server(server_cfg, out / "server.log")
-    client = RolloutClient.for_config(url, cfg)
-    return process, client
+    return server_cfg
 
 
 def _spawn_server_during_sft(cfg: RunConfig, stages: list[str], out: Path):
@@ -114,10 +117,10 @@ def _spawn_server_during_sft(cfg: RunConfig, stages: list[str], out: Path):
         wanted = torch.cuda.is_available()
     if not (wanted and cfg.server.url is None and sft_will_run and "grpo" in stages):
         return None
-    from vllm_server.client import spawn_local_server
+    from vllm_server.client import LocalServer
 
     log.info(f"server: starting a local vLLM server during SFT (log: {out / 'server.log'})")
-    return spawn_local_server(cfg, out / "server.log")
+    return LocalServer(cfg, out / "server.log").spawn()
 
 
 class EvalSet(NamedTuple):
@@ -180,9 +183,9 @@ def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, o
 
     final = out / "grpo" / "final"
     want_eval = bool(sets)
-    process, client = _start_server(cfg, model_path, out, early_server)
+    server, client = _start_server(cfg, model_path, out, early_server)
     results = {}
-    try:
+    with server or contextlib.nullcontext():
         if want_eval:
             results["sft"] = evaluate_sets(cfg, client, "sft", out, sets)
         if cfg.grpo.enabled and not (final / "config.json").exists():
@@ -192,7 +195,7 @@ def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, o
                                   eval_hook=_eval_hook(cfg, sets) if cfg.eval.every_steps else None)
             monitor = Monitor(out, cfg.logging, cfg.grpo.steps, "grpo")
             try:
-                process, client = _run_learner(learner, monitor, cfg, model_path, out, process, client)
+                client = _run_learner(learner, monitor, cfg, model_path, out, server, client)
             finally:
                 monitor.close()
             learner.export(final)
@@ -201,32 +204,28 @@ def stage_grpo(cfg: RunConfig, task, examples: list[Example], model_path: str, o
             _ensure_server_has(client, cfg, final)
         if want_eval and cfg.grpo.enabled:
             results["grpo"] = evaluate_sets(cfg, client, "grpo", out, sets)
-    finally:
-        if process is not None:
-            from vllm_server.client import stop_local_server
-
-            stop_local_server(process)
     return results
 
 
 MAX_SERVER_RESTARTS = 2
 
 
-def _run_learner(learner, monitor, cfg: RunConfig, model_path: str, out: Path, process, client):
-    """learner.run, restarting a local server that died under it (up to MAX_SERVER_RESTARTS times).
+def _run_learner(learner, monitor, cfg: RunConfig, model_path: str, out: Path, server, client):
+    """learner.run, restarting a local server (a LocalServer) that died under it (up to MAX_SERVER_RESTARTS times);
+    returns the client of the server it ends with.
 
     The learner keeps its state: the new server gets the current weights pushed as the current policy version
     and GRPO goes on from the step it was at (the prompts drawn for the step that failed are skipped). A remote
     server (server.url), or one that is still up, leaves the error as it was."""
-    from vllm_server.client import stop_local_server
+    from vllm_server.client import RolloutClient
 
     restarts = 0
     while True:
         try:
             learner.run(monitor)
-            return process, client
+            return client
         except SuzakError as e:
-            code = _server_exit_code(process, client)
+            code = _server_exit_code(server.process if server is not None else None, client)
             if code is None:
                 raise
             where = f"the local rollout server stopped (exit code {code}; log: {out / 'server.log'})"
@@ -236,9 +235,9 @@ def _run_learner(learner, monitor, cfg: RunConfig, model_path: str, out: Path, p
             restarts += 1
             log.info(f"grpo: {where} at step {learner.step_index} ({str(e)[:300]}); restarting it "
                  f"({restarts}/{MAX_SERVER_RESTARTS}) and pushing the step-{learner.step_index} weights again")
-            stop_local_server(process)
             client.close()
-            process, client = _start_server(cfg, model_path, out)
+            server.restart(_server_config(cfg, model_path))
+            client = RolloutClient.for_config(server.url, cfg)
             learner.client, learner.transport = client, None
             learner.cfg.checkpoint.resume = False  # in memory the learner is already where it was
 
@@ -265,9 +264,9 @@ def _server_exit_code(process, client, wait_s: float = 15.0) -> int | None:
 def _ensure_server_has(client, cfg: RunConfig, folder: Path, version: int | None = None) -> None:
     """Load a checkpoint folder's weights into the running server (files transport), as `version` (default: the
     server's next): the exported GRPO weights on a resumed run, or the SFT weights for a server started during SFT."""
-    from vllm_server.client import files_transport
+    from trainer.weight_push import FilesTransport
 
-    transport = files_transport(folder.parent / "push")
+    transport = FilesTransport(folder.parent / "push")
     transport.init(client)
     from safetensors.torch import load_file
 
@@ -396,9 +395,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
         sft_path = stage_sft(cfg, task, examples, out) if "sft" in stages else str(out / "sft" / "final")
     except BaseException:
         if early_server is not None:
-            from vllm_server.client import stop_local_server
-
-            stop_local_server(early_server[0])
+            early_server.stop()
         raise
     if not Path(sft_path).exists():
         sft_path = model_path
@@ -451,11 +448,6 @@ def push_final(cfg: RunConfig, out: Path) -> None:
 
 
 def _eval_only(cfg: RunConfig, model_path: str, out: Path, sets: dict[str, EvalSet]) -> dict:
-    process, client = _start_server(cfg, model_path, out)
-    try:
+    server, client = _start_server(cfg, model_path, out)
+    with server or contextlib.nullcontext():
         return {"sft": evaluate_sets(cfg, client, "sft", out, sets)}
-    finally:
-        if process is not None:
-            from vllm_server.client import stop_local_server
-
-            stop_local_server(process)

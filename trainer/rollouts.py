@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from suzak.errors import SuzakError
+from suzak.prompts import example_messages, hf_messages
 from suzak.tasks import Example, Task
 from suzak.wire import ChatMessage, GenerateRequest, GenerateResponse, Prompt, SamplingParams
 
@@ -50,13 +51,11 @@ class Rollout:
 
 def prepare_prompt(example: Example, task: Task, processor, *, prompt: str, system: bool,
                    min_pixels: int, max_pixels: int) -> PreparedPrompt:
-    """Resize the image to the pixel budget, send it as a data URL, and tokenize it the same way the server will."""
-    from suzak.images import encode_image_data_url, resize_to_budget
-
-    image = resize_to_budget(example.load_image(), min_pixels, max_pixels)
-    messages = task.messages(example, prompt=prompt, system=system, image_ref=encode_image_data_url(image))
-    hf_messages = [_to_hf_message(m) for m in messages]
-    text = processor.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
+    """The example's messages (suzak.prompts: image resized to the budget, sent as a data URL), tokenized the same
+    way the server will."""
+    messages, image = example_messages(task, example, prompt=prompt, system=system, min_pixels=min_pixels,
+                                       max_pixels=max_pixels)
+    text = processor.apply_chat_template(hf_messages(messages), tokenize=False, add_generation_prompt=True)
     enc = processor(text=[text], images=[image], return_tensors="pt")
     mm_types = enc.get("mm_token_type_ids")
     return PreparedPrompt(example, messages, enc["input_ids"][0].tolist(), enc["pixel_values"], enc["image_grid_thw"],
@@ -80,14 +79,6 @@ def prepare_prompts(examples: list[Example], task: Task, processor, **kw) -> lis
     """prepare_prompt for each example, on one intra-op thread (see one_intra_op_thread)."""
     with one_intra_op_thread():
         return [prepare_prompt(example, task, processor, **kw) for example in examples]
-
-
-def _to_hf_message(message: dict) -> dict:
-    content = message["content"]
-    if isinstance(content, str):
-        return {"role": message["role"], "content": [{"type": "text", "text": content}]}
-    return {"role": message["role"], "content": [
-        {"type": "image"} if part["type"] == "image" else {"type": "text", "text": part["text"]} for part in content]}
 
 
 def generate_request(prompts: list[PreparedPrompt], *, n: int, temperature: float, top_p: float, top_k: int,

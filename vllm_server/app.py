@@ -44,7 +44,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from suzak import wire
 from suzak.errors import SuzakError
 from suzak.images import ImagePolicy
-from vllm_server.engine import Engine, PreparedPrompt, RequestError, hf_messages
+from suzak.prompts import hf_messages
+from vllm_server.engine import Engine, EnginePrompt, RequestError
 
 log = logging.getLogger("suzak.server")
 
@@ -139,8 +140,8 @@ def check_request(req: wire.GenerateRequest, info: wire.ModelInfo, limits: Serve
                 field=f"prompts.{i}")
 
 
-def _load_prompt_images(index: int, prompt: wire.Prompt, info: wire.ModelInfo,
-                        policy: ImagePolicy | None = None) -> PreparedPrompt:
+def _engine_prompt(index: int, prompt: wire.Prompt, info: wire.ModelInfo,
+                        policy: ImagePolicy | None = None) -> EnginePrompt:
     import dataclasses
 
     from suzak.images import load_image
@@ -174,17 +175,17 @@ def _load_prompt_images(index: int, prompt: wire.Prompt, info: wire.ModelInfo,
                 raise
             except SuzakError as e:
                 raise RequestError(str(e), field=where) from None
-    return PreparedPrompt(messages=hf_messages(prompt), images=images)
+    return EnginePrompt(messages=hf_messages(prompt.messages), images=images)
 
 
-def prepare_prompts(req: wire.GenerateRequest, info: wire.ModelInfo,
-                    policy: ImagePolicy | None = None) -> list[PreparedPrompt]:
+def load_engine_prompts(req: wire.GenerateRequest, info: wire.ModelInfo,
+                        policy: ImagePolicy | None = None) -> list[EnginePrompt]:
     """Load and check every image of a request (400 naming the field of the first bad one)."""
     if len(req.prompts) < 4:
-        return [_load_prompt_images(i, p, info, policy) for i, p in enumerate(req.prompts)]
+        return [_engine_prompt(i, p, info, policy) for i, p in enumerate(req.prompts)]
     # PNG/JPEG decoding releases the GIL: a few threads cut a 64-image batch's decode time several-fold.
     with ThreadPoolExecutor(max_workers=min(8, len(req.prompts))) as pool:
-        return list(pool.map(lambda ip: _load_prompt_images(ip[0], ip[1], info, policy), enumerate(req.prompts)))
+        return list(pool.map(lambda ip: _engine_prompt(ip[0], ip[1], info, policy), enumerate(req.prompts)))
 
 
 # --------------------------------------------------------------------------- request size
@@ -486,7 +487,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None,
         start = time.perf_counter()
         info = eng.info()
         check_request(req, info, limits)
-        prepared = await asyncio.to_thread(prepare_prompts, req, info, limits.images)
+        prepared = await asyncio.to_thread(load_engine_prompts, req, info, limits.images)
         results = await guard(eng.generate(prepared, req.sampling))
         version = min((c.policy_version for r in results for c in r.completions), default=eng.policy_version)
         return wire.GenerateResponse(results=results, policy_version=version, seconds=time.perf_counter() - start)

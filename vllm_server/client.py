@@ -1,10 +1,10 @@
 """Client of the rollout server, used by the learner and the evaluator (imports httpx and suzak.wire only).
 
-    from vllm_server.client import RolloutClient, start_local_server
-    process, url = start_local_server(cfg, "runs/x/server.log")      # `python -m suzak serve` on a free port
-    client = RolloutClient(url)
-    check_compatible(client.info(), cfg.model)
-    resp = client.generate(client.prepare_images(request))           # images resized to the server's budget
+    from vllm_server.client import LocalServer, RolloutClient
+    with LocalServer(cfg, "runs/x/server.log") as server:            # `python -m suzak serve` on a free port
+        client = RolloutClient(server.url)
+        check_compatible(client.info(), cfg.model)
+        resp = client.generate(client.prepare_images(request))       # images resized to the server's budget
 
 Connection errors are retried with exponential backoff, then raise a SuzakError that says how to start a server;
 an error answer (4xx/5xx) raises a SuzakError carrying the server's JSON error and the offending field. Each call
@@ -24,16 +24,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from suzak import wire
 from suzak.errors import SuzakError
+from suzak.files import write_atomic
+from suzak.prompts import fit_images
 
 if TYPE_CHECKING:
     from suzak.config import ModelConfig, RunConfig
-    from vllm_server.transport import WeightTransport
 
 log = logging.getLogger("suzak.client")
 
@@ -211,7 +212,7 @@ class RolloutClient:
         Local paths are kept for a server on this machine and inlined as data URLs for a remote one."""
         info = info or self.info()
         local = httpx.URL(self.url).host in ("127.0.0.1", "localhost", "::1", "testserver")
-        return prepare_images(req, info.min_pixels, info.max_pixels, inline_paths=not local)
+        return fit_images(req, info.min_pixels, info.max_pixels, inline_paths=not local)
 
     # ------------------------------------------------------------------ weights and memory
 
@@ -220,12 +221,6 @@ class RolloutClient:
 
     def update_weights(self, req: wire.WeightUpdateRequest) -> wire.WeightUpdateResponse:
         return self._call("POST", "/weights", req, model=wire.WeightUpdateResponse)
-
-    def push_weights(self, named_tensors: Iterable, version: int, transport: WeightTransport) -> dict:
-        """Send weights through `transport` (initialised on first use) and return its stats."""
-        if getattr(transport, "client", None) is not self:
-            transport.init(self)
-        return transport.push(named_tensors, version)
 
     def sleep(self, level: int = 1) -> dict:
         return self._call("POST", "/sleep", wire.SleepRequest(level=level))
@@ -240,27 +235,6 @@ class RolloutClient:
 # --------------------------------------------------------------------------- helpers
 
 
-def prepare_images(req: wire.GenerateRequest, min_pixels: int, max_pixels: int, *,
-                   inline_paths: bool = False) -> wire.GenerateRequest:
-    """Resize every image of a request to the budget; images already at their budget size keep their reference
-    (local paths too unless inline_paths, for a server on another machine)."""
-    from suzak.images import budget_size, encode_image_data_url, load_image, resize_to_budget
-
-    out = req.model_copy(deep=True)
-    for i, prompt in enumerate(out.prompts):
-        for m, msg in enumerate(prompt.messages):
-            for c, part in enumerate(msg.content if isinstance(msg.content, list) else []):
-                if part.type != "image" or part.image is None:
-                    continue
-                img = load_image(part.image, field=f"prompts.{i}.messages.{m}.content.{c}.image")
-                is_path = not part.image.startswith(("data:", "http://", "https://"))
-                if budget_size(img.height, img.width, min_pixels, max_pixels) != (img.height, img.width):
-                    part.image = encode_image_data_url(resize_to_budget(img, min_pixels, max_pixels))
-                elif is_path and inline_paths:
-                    part.image = encode_image_data_url(img)
-    return out
-
-
 def check_compatible(info: wire.ModelInfo, model_cfg: ModelConfig) -> None:
     """Refuse a server whose image budget differs from the learner's: both must see the same pixels."""
     diffs = [f"{key}: server {getattr(info, key)}, config {getattr(model_cfg, key)}"
@@ -269,22 +243,6 @@ def check_compatible(info: wire.ModelInfo, model_cfg: ModelConfig) -> None:
         raise SuzakError("the rollout server resizes images differently from this config (" + "; ".join(diffs)
                          + "): restart the server with the same model.min_pixels/model.max_pixels, or set them "
                          "here to the server's values")
-
-
-def weight_transport(cfg: RunConfig, learner_device, server_info: wire.ModelInfo, *,
-                     out_dir: str | Path | None = None):
-    """The learner's end of the weight link for where the server runs (files / ipc / nccl, see
-    vllm_server/transport.py, which imports torch: loaded only when a learner asks for it)."""
-    from vllm_server.transport import choose_transport
-
-    return choose_transport(cfg, learner_device, server_info, out_dir=out_dir)
-
-
-def files_transport(folder: str | Path):
-    """The safetensors-in-a-folder weight link (CPU, tests, or loading an exported folder into a server)."""
-    from vllm_server.transport import FilesTransport
-
-    return FilesTransport(folder)
 
 
 def _log_tail(log_path: str | Path | None, lines: int = 30) -> str:
@@ -300,12 +258,60 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class LocalServer:
+    """A local rollout server (`python -m suzak serve` for `cfg`) as a context manager: started and ready on entry,
+    stopped on exit. spawn() starts it without waiting, so its start-up can overlap other work; restart() starts
+    it again (after a crash) on the same log, with a new config if given."""
+
+    def __init__(self, cfg: RunConfig, log_path: str | Path, *, env: dict | None = None,
+                 timeout_s: float | None = None):
+        self.cfg, self.log_path, self.env = cfg, Path(log_path), env
+        self.timeout_s = timeout_s or cfg.server.startup_timeout_s
+        self.process: subprocess.Popen | None = None
+        self.url: str | None = None
+        self._ready = False
+
+    def spawn(self) -> LocalServer:
+        if self.process is None:
+            self.process, self.url = spawn_local_server(self.cfg, self.log_path, env=self.env)
+            self._ready = False
+        return self
+
+    def wait(self) -> LocalServer:
+        """Spawn if needed and wait until ready; on failure the server is stopped and the error names its log."""
+        self.spawn()
+        if not self._ready:
+            try:
+                wait_local_server(self.process, self.url, self.timeout_s, self.log_path)
+            except BaseException:
+                self.process = None  # wait_local_server stopped it
+                raise
+            self._ready = True
+        return self
+
+    def restart(self, cfg: RunConfig | None = None) -> LocalServer:
+        self.stop()
+        self.cfg = cfg if cfg is not None else self.cfg
+        return self.wait()
+
+    def stop(self) -> None:
+        process, self.process, self._ready = self.process, None, False
+        if process is not None:
+            stop_local_server(process)
+
+    def __enter__(self) -> LocalServer:
+        return self.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def start_local_server(cfg: RunConfig, log_path: str | Path, *, env: dict | None = None,
                        timeout_s: float | None = None) -> tuple[subprocess.Popen, str]:
     """Spawn `python -m suzak serve` for `cfg` on a free localhost port and wait until it is ready.
 
-    Returns (process, url). The caller stops it (process.terminate()); the server's output goes to log_path, and
-    its resolved config to server_config.yaml beside it.
+    Returns (process, url). The caller stops it (stop_local_server, or use LocalServer); the server's output goes to
+    log_path, and its resolved config to server_config.yaml beside it.
     """
     process, url = spawn_local_server(cfg, log_path, env=env)
     wait_local_server(process, url, timeout_s or cfg.server.startup_timeout_s, log_path)
@@ -348,9 +354,7 @@ def _start_time(pid: int) -> str | None:
 
 def _write_pid_file(folder: Path, pid: int, config_path: Path) -> None:
     record = {"pid": pid, "start_time": _start_time(pid), "config": str(Path(config_path).resolve())}
-    tmp = folder / (PID_FILE + ".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, folder / PID_FILE)
+    write_atomic(folder / PID_FILE, json.dumps(record))
 
 
 def stop_stale_server(folder: str | Path, timeout_s: float = 30.0) -> bool:

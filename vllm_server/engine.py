@@ -67,8 +67,8 @@ class RequestError(SuzakError):
 
 
 @dataclass
-class PreparedPrompt:
-    """A wire prompt made ready for an engine: HF chat messages (images as {"type": "image"}) and the images."""
+class EnginePrompt:
+    """A wire prompt made ready for the engine: its HF chat messages (suzak.prompts.hf_messages) and loaded images."""
 
     messages: list[dict]
     images: list[Image.Image] = field(default_factory=list)
@@ -101,7 +101,7 @@ class Engine(ABC):
     def info(self) -> wire.ModelInfo: ...
 
     @abstractmethod
-    async def generate(self, prompts: list[PreparedPrompt], sampling: wire.SamplingParams) -> list[wire.PromptResult]:
+    async def generate(self, prompts: list[EnginePrompt], sampling: wire.SamplingParams) -> list[wire.PromptResult]:
         ...
 
     @abstractmethod
@@ -118,19 +118,6 @@ class Engine(ABC):
 
     @abstractmethod
     async def reset_caches(self) -> dict: ...
-
-
-def hf_messages(prompt: wire.Prompt) -> list[dict]:
-    """Wire messages as the HF chat template wants them: images become {"type": "image"} placeholders."""
-    out = []
-    for msg in prompt.messages:
-        if isinstance(msg.content, str):
-            out.append({"role": msg.role, "content": msg.content})
-            continue
-        parts = [{"type": "image"} if p.type == "image" else {"type": "text", "text": p.text or ""}
-                 for p in msg.content]
-        out.append({"role": msg.role, "content": parts})
-    return out
 
 
 def safetensors_shards(path: str | None) -> tuple[list[Path], int]:
@@ -504,7 +491,7 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------ generation
 
-    def _render(self, index: int, prompt: PreparedPrompt, max_tokens: int) -> tuple[dict, int]:
+    def _render(self, index: int, prompt: EnginePrompt, max_tokens: int) -> tuple[dict, int]:
         """The engine prompt (chat template applied) and the completion budget left by its length."""
         from suzak.images import visual_tokens
 
@@ -537,7 +524,7 @@ class VLLMEngine(Engine):
             logprobs=0 if s.logprobs else None,
             output_kind=RequestOutputKind.FINAL_ONLY)
 
-    async def generate(self, prompts: list[PreparedPrompt], sampling: wire.SamplingParams) -> list[wire.PromptResult]:
+    async def generate(self, prompts: list[EnginePrompt], sampling: wire.SamplingParams) -> list[wire.PromptResult]:
         if self.sleeping:
             raise RequestError("the server is asleep: POST /wake before generating", status=409)
         if self.weights_error:

@@ -10,33 +10,8 @@ any single item regenerated later. Write whole datasets with `suzak data synth -
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from PIL import Image
-
-
-@dataclass
-class SynthSample:
-    """One generated problem.
-
-    answer is the bare value ("3", "140°", "\\frac{12}{5}"); thinking is "<think> ... </think>"; problem is the
-    question without any prompt template (suzak.tasks adds R1-V's prompt).
-    """
-
-    image: Image.Image
-    problem: str
-    answer: str
-    thinking: str
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def solution(self) -> str:
-        """R1-V's solution column for this sample."""
-        return f"<answer> {self.answer} </answer>"
-
-
-# Imported after SynthSample because the generators import it from this package.
-from suzak.synth.clevr import clevr_sample, clevr_samples  # noqa: E402
-from suzak.synth.geo import geo_sample, geo_samples  # noqa: E402
+from suzak.synth.clevr import clevr_sample, clevr_samples
+from suzak.synth.geo import geo_sample, geo_samples
+from suzak.synth.sample import SynthSample
 
 __all__ = ["SynthSample", "clevr_sample", "clevr_samples", "geo_sample", "geo_samples"]

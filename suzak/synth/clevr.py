@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from suzak.errors import SuzakError
-from suzak.synth import SynthSample
+from suzak.synth.sample import SynthSample
 
 # CLEVR's own RGB values (properties.json of the CLEVR generator).
 COLORS: dict[str, tuple[int, int, int]] = {

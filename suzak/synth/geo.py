@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from suzak.errors import SuzakError
-from suzak.synth import SynthSample
+from suzak.synth.sample import SynthSample
 
 _KIND_TAG = 0x6E0  # keeps geo and clevr random streams apart for the same (seed, i)
 _SS = 2  # supersampling for anti-aliased lines

@@ -52,7 +52,7 @@ class Example:
         """The image as an RGB PIL image (opened from image_path on demand, with a clear error)."""
         if self.image is not None:
             return self.image.convert("RGB") if self.image.mode != "RGB" else self.image
-        from suzak.tasks.sources import open_image
+        from suzak.images import open_image
 
         return open_image(Path(self.image_path))
 

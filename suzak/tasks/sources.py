@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from suzak.errors import SuzakError
+from suzak.images import is_file
 from suzak.tasks import Example, Task, answer_from_solution
 
 HF_COLUMNS = ("image", "problem", "solution")
@@ -25,28 +26,6 @@ BENCHMARK_FILES = {
     "superclevr": "superclevr_test200_counting_problems.jsonl",
     "geoqa": "geoqa_test_prompts.jsonl",
 }
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except (OSError, RuntimeError):
-        return False
-
-
-def open_image(path: Path, where: str = ""):
-    """Open an image as RGB, naming the file (and the jsonl line) when it is missing or corrupt."""
-    from PIL import Image
-
-    suffix = f" (referenced by {where})" if where else ""
-    if not _is_file(path):
-        raise SuzakError(f"image not found: {path}{suffix}; check image_path and the image folder "
-                         "(--data / data.image_root)")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as e:  # PIL: UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError ...
-        raise SuzakError(f"image {path}{suffix} is corrupt or not an image ({e}); re-download or remove it") from None
 
 
 def load_examples(task: Task, source: str, *, split: str = "train", image_root: str | None = None,
@@ -142,7 +121,7 @@ def jsonl_examples(task: Task, path: Path, *, image_root: str | None = None, lim
             image_path = (root / row["image_path"]).resolve()
         except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
             raise SuzakError(f"{where}: image {row['image_path']} cannot be resolved ({e}); fix the link") from None
-        if check_images and not _is_file(image_path):
+        if check_images and not is_file(image_path):
             raise SuzakError(f"{where}: image {row['image_path']} not found under {root} "
                              f"(looked at {image_path}); unzip the images next to the jsonl or pass data.image_root")
         examples.append(Example(id=str(row.get("id", lineno - 1)), problem=row["question"], answer=answer,

@@ -169,7 +169,7 @@ class _Process:
         return self.code
 
 
-def test_a_local_server_that_dies_under_the_learner_is_restarted_and_gets_the_current_weights(tmp_path, monkeypatch):
+def test_a_local_server_that_dies_under_the_learner_is_restarted_and_gets_the_current_weights(tmp_path):
     from trainer import pipeline
 
     cfg = load_config(None, [f"out_dir={tmp_path}"])
@@ -184,17 +184,18 @@ def test_a_local_server_that_dies_under_the_learner_is_restarted_and_gets_the_cu
             if len(calls) == 1:
                 raise SuzakError("rollout server: POST /generate -> 503: the vLLM engine died")
 
-    new = (_Process(None), SimpleNamespace(close=lambda: None, name="new-client"))
-    monkeypatch.setattr(pipeline, "_start_server", lambda *a, **k: new)
-    monkeypatch.setattr("vllm_server.client.stop_local_server", lambda p: None)
+    restarted = []
+    server = SimpleNamespace(process=_Process(2), url="http://127.0.0.1:9",  # a LocalServer whose process died
+                             restart=lambda server_cfg: restarted.append(server_cfg.model.name_or_path))
     learner = Learner()
     old_client = SimpleNamespace(close=lambda: None, ready=lambda: False)
-    process, client = pipeline._run_learner(learner, None, cfg, "model", tmp_path, _Process(2), old_client)
-    assert (process, client) == new
-    assert calls[0] == ("old-client", "t", True) and calls[1] == (new[1], None, False)  # no rewind to a checkpoint
+    client = pipeline._run_learner(learner, None, cfg, "model", tmp_path, server, old_client)
+    assert restarted == ["model"] and client.url == "http://127.0.0.1:9"  # restarted on the same weights
+    assert calls[0] == ("old-client", "t", True) and calls[1] == (client, None, False)  # no rewind to a checkpoint
+    client.close()
 
 
-def test_a_server_that_keeps_dying_stops_the_run_with_a_clear_message(tmp_path, monkeypatch):
+def test_a_server_that_keeps_dying_stops_the_run_with_a_clear_message(tmp_path):
     from trainer import pipeline
 
     cfg = load_config(None, [f"out_dir={tmp_path}"])
@@ -207,10 +208,9 @@ def test_a_server_that_keeps_dying_stops_the_run_with_a_clear_message(tmp_path, 
 
     Learner.cfg = cfg.model_copy(deep=True)
 
-    monkeypatch.setattr(pipeline, "_start_server", lambda *a, **k: (_Process(1), SimpleNamespace(close=lambda: None)))
-    monkeypatch.setattr("vllm_server.client.stop_local_server", lambda p: None)
+    server = SimpleNamespace(process=_Process(1), url="http://127.0.0.1:9", restart=lambda server_cfg: None)
     with pytest.raises(SuzakError, match=r"local rollout server stopped \(exit code 1.*server\.log.*step 3.*Rerun"):
-        pipeline._run_learner(Learner(), None, cfg, "m", tmp_path, _Process(1), SimpleNamespace(close=lambda: None))
+        pipeline._run_learner(Learner(), None, cfg, "m", tmp_path, server, SimpleNamespace(close=lambda: None))
 
 
 def test_an_error_with_the_server_still_up_is_not_mistaken_for_a_crash(tmp_path):
@@ -223,7 +223,7 @@ def test_an_error_with_the_server_still_up_is_not_mistaken_for_a_crash(tmp_path)
             raise SuzakError("grpo.reward_weights names unknown reward(s)")
 
     with pytest.raises(SuzakError, match="unknown reward"):
-        pipeline._run_learner(Learner(), None, Learner.cfg, "m", tmp_path, _Process(None),
+        pipeline._run_learner(Learner(), None, Learner.cfg, "m", tmp_path, SimpleNamespace(process=_Process(None)),
                               SimpleNamespace(ready=lambda: True))
 
 

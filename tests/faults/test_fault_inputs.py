@@ -62,7 +62,7 @@ def test_a_symlink_loop_as_an_image_path_is_a_clear_error(tmp_path):
     path = _jsonl(tmp_path, [{"image_path": "loop.png", "question": "q", "ground_truth": 3}])
     with pytest.raises(SuzakError, match=r"bench\.jsonl:1: image loop\.png"):
         load_examples(get_task("clevr_count"), str(path))
-    from suzak.tasks.sources import open_image
+    from suzak.images import open_image
 
     with pytest.raises(SuzakError, match="image not found"):
         open_image(tmp_path / "loop.png")

@@ -110,7 +110,7 @@ def test_generate_with_images_greedy_and_sampled(srv, tmp_path):
 
 def test_files_push_changes_outputs_and_the_original_restores_them_exactly(srv):
     from suzak.images import encode_image_data_url
-    from vllm_server.transport import FilesTransport
+    from trainer.weight_push import FilesTransport
 
     refs = [encode_image_data_url(_image(3)), encode_image_data_url(_image(4))]
     base = _greedy(srv.client, refs)
@@ -121,7 +121,8 @@ def test_files_push_changes_outputs_and_the_original_restores_them_exactly(srv):
     g = torch.Generator().manual_seed(0)
     lm = {k: (-v if "embed_tokens" in k else v + 0.2 * torch.randn(v.shape, generator=g) if ".layers.0." in k else v)
           for k, v in original.items()}
-    stats = srv.client.push_weights(lm.items(), version + 1, transport)
+    transport.init(srv.client)
+    stats = transport.push(lm.items(), version + 1)
     assert stats["shards"] > 1 and stats["tensors"] == len(original)
     changed = _greedy(srv.client, refs)
     assert [c.token_ids for c in changed] != [c.token_ids for c in base]

@@ -49,7 +49,7 @@ def gpu_srv(request, tmp_path_factory):
 
 def test_ipc_push_changes_outputs_and_the_original_restores_them_exactly(gpu_srv):
     from suzak.images import encode_image_data_url
-    from vllm_server.transport import IPCTransport
+    from trainer.weight_push import IPCTransport
 
     client = gpu_srv.client
     assert "ipc" in client.info().transports
@@ -62,7 +62,8 @@ def test_ipc_push_changes_outputs_and_the_original_restores_them_exactly(gpu_srv
                       if ".layers.0." in k else v) for k, v in original.items()}
 
     transport = IPCTransport()
-    first = client.push_weights(changed_lm.items(), version + 1, transport)
+    transport.init(client)
+    first = transport.push(changed_lm.items(), version + 1)
     changed = _greedy(client, refs)
     assert [c.token_ids for c in changed] != [c.token_ids for c in base]
     assert all(c.policy_version == version + 1 for c in changed) and client.info().policy_version == version + 1

@@ -1,4 +1,4 @@
-"""The benchmark scripts: bench/make_arch.py's real-shape folders and bench/grpo_step.py end to end on the tiny model.
+"""The benchmark package: bench/make_arch.py's real-shape folders and bench/grpo_step.py end to end on the tiny model.
 
     .venv/bin/python -m pytest tests/unit/test_bench_smoke.py -q                  # fast checks (~40 s)
     .venv/bin/python -m pytest tests/unit/test_bench_smoke.py -q -m "slow"        # + the CPU run through vLLM (~2 min)
@@ -19,11 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import grpo_step, make_arch
 
-import grpo_step  # noqa: E402
-import make_arch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +131,9 @@ def test_training_settings_map_to_config_keys():
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_grpo_step_runs_end_to_end_on_the_tiny_model(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out")}
-    cmd = [sys.executable, str(ROOT / "bench" / "grpo_step.py"), "--arch", "tiny", "--prompts", "2", "--G", "2",
+    env = {**os.environ, "OUT": str(tmp_path / "out"),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "bench.grpo_step", "--arch", "tiny", "--prompts", "2", "--G", "2",
            "--completion", "8", "--steps", "1", "--warmup", "0", "--visual-tokens", "16", "--text-tokens", "40",
            "--compare-unshared", "1", "--work", str(tmp_path / "work")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
@@ -164,7 +163,7 @@ def test_grpo_step_runs_end_to_end_on_the_tiny_model(tmp_path):
 
 
 def test_scaling_points_vary_one_quantity_at_a_time_and_plot(tmp_path):
-    import scaling
+    from bench import scaling
 
     args, rest = scaling.parse_args(["--arch", "tiny", "--G-values", "4", "8", "16", "--completions", "128", "256",
                                      "--visual-tokens-values", "512"])

@@ -19,9 +19,10 @@ from PIL import Image
 from suzak import wire
 from suzak.config import ModelConfig
 from suzak.errors import SuzakError
+from suzak.prompts import fit_images
 from vllm_server import client as client_mod
 from vllm_server.app import admin_token_for, create_app
-from vllm_server.client import RolloutClient, check_compatible, free_port, prepare_images
+from vllm_server.client import RolloutClient, check_compatible, free_port
 from vllm_server.engine import Engine, RequestError, safetensors_shards
 from suzak.images import budget_size, encode_image_data_url, load_image, resize_to_budget
 
@@ -261,14 +262,15 @@ def test_files_transport_writes_buckets_atomically_and_prunes(served, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from vllm_server.transport import FilesTransport
+    from trainer.weight_push import FilesTransport
 
     engine, client = served
     embed = torch.randn(300, 256)  # 300 KiB: embed + head + norm fill most of a 1 MiB bucket, visual.w starts the next
     weights = {"model.embed_tokens.weight": embed, "lm_head.weight": embed,  # tied: shared storage
                "model.norm.weight": torch.ones(256), "visual.w": torch.randn(600, 256)}
     transport = FilesTransport(tmp_path / "push", bucket_mb=1)
-    stats = client.push_weights(weights.items(), 3, transport)
+    transport.init(client)
+    stats = transport.push(weights.items(), 3)
     assert stats["tensors"] == 4 and stats["shards"] == 2 and engine.policy_version == 3
     pushed = engine.pushes[-1]
     assert pushed.transport == "files" and pushed.path.endswith("v000003")
@@ -287,16 +289,16 @@ def test_files_push_to_an_empty_folder_is_refused(served, tmp_path):
         client.update_weights(wire.WeightUpdateRequest(version=1, transport="files", path=str(tmp_path)))
 
 
-def test_prepare_images_keeps_fitting_local_paths_and_resizes_the_rest(tmp_path):
+def test_fit_images_keeps_fitting_local_paths_and_resizes_the_rest(tmp_path):
     fits = _png(tmp_path / "fits.png", size=(224, 168))
     big = _png(tmp_path / "big.png", size=(1000, 700))
     req = wire.GenerateRequest(prompts=[_image_prompt(fits), _image_prompt(big)])
-    out = prepare_images(req, MIN_PIXELS, MAX_PIXELS)
+    out = fit_images(req, MIN_PIXELS, MAX_PIXELS)
     assert out.prompts[0].messages[0].content[0].image == fits
     resized = load_image(out.prompts[1].messages[0].content[0].image)
     assert (resized.height, resized.width) == budget_size(700, 1000, MIN_PIXELS, MAX_PIXELS)
     assert resized.tobytes() == resize_to_budget(Image.open(big), MIN_PIXELS, MAX_PIXELS).tobytes()
-    remote = prepare_images(req, MIN_PIXELS, MAX_PIXELS, inline_paths=True)
+    remote = fit_images(req, MIN_PIXELS, MAX_PIXELS, inline_paths=True)
     assert remote.prompts[0].messages[0].content[0].image.startswith("data:image/png;base64,")
     assert req.prompts[1].messages[0].content[0].image == big  # the original is untouched
 
@@ -324,7 +326,7 @@ def test_client_imports_neither_torch_nor_vllm():
     import subprocess
     import sys
 
-    code = ("import sys, vllm_server.client, vllm_server.transport, vllm_server.app; "
+    code = ("import sys, vllm_server.client, trainer.weight_push, vllm_server.app; "
             "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -383,7 +385,7 @@ def test_adapter_puts_packed_where_each_vllm_wants_it(version):
 def test_packed_chunk_layout_is_what_vllms_consumer_unpacks():
     import torch
 
-    from vllm_server.transport import _PackedChunk
+    from trainer.weight_push import _PackedChunk
 
     tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(7).to(torch.bfloat16),
                "c": torch.randn(2, 2, 2).to(torch.bfloat16)}
@@ -457,14 +459,14 @@ def test_weight_update_drains_and_gates_generation_so_versions_are_exact(tmp_pat
     from safetensors.torch import save_file
 
     from suzak.config import load_config
-    from vllm_server.engine import PreparedPrompt, TransferAdapter, VLLMEngine
+    from vllm_server.engine import EnginePrompt, TransferAdapter, VLLMEngine
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "model-00000.safetensors"))
     engine = VLLMEngine(load_config(None, []))
     engine.llm, engine.processor = FakeLLM(delay=0.2), FakeProcessor()
     engine._sampling = lambda sampling, budget, index=0: sampling  # no vLLM import in a unit test
     sampling = wire.SamplingParams(max_tokens=2)
-    prompt = PreparedPrompt(messages=[{"role": "user", "content": "hi"}])
+    prompt = EnginePrompt(messages=[{"role": "user", "content": "hi"}])
     push = wire.WeightUpdateRequest(version=5, transport="files", path=str(tmp_path))
 
     async def scenario():
@@ -500,3 +502,31 @@ def test_each_prompt_of_a_seeded_request_gets_its_own_seed():
     seeds = [engine._sampling(wire.SamplingParams(seed=7, n=2), 8, i).seed for i in range(3)]
     assert seeds == [7, 8, 9]
     assert engine._sampling(wire.SamplingParams(seed=None), 8, 2).seed is None
+
+
+def test_local_server_is_ready_inside_the_block_and_stopped_after_it(monkeypatch, tmp_path):
+    from suzak.config import load_config
+
+    events = []
+    monkeypatch.setattr(client_mod, "spawn_local_server",
+                        lambda cfg, log_path, env=None: (events.append(("spawn", cfg.model.name_or_path))
+                                                         or (f"process-{len(events)}", "http://127.0.0.1:9")))
+    monkeypatch.setattr(client_mod, "wait_local_server", lambda p, url, timeout_s, log: events.append(("wait", p)))
+    monkeypatch.setattr(client_mod, "stop_local_server", lambda p: events.append(("stop", p)))
+    cfg = load_config(None, ["model.name_or_path=a"])
+    with client_mod.LocalServer(cfg, tmp_path / "server.log") as server:
+        assert server.url == "http://127.0.0.1:9" and events == [("spawn", "a"), ("wait", "process-1")]
+        server.wait()  # already ready: no second spawn or wait
+        server.restart(load_config(None, ["model.name_or_path=b"]))  # after a crash, on other weights
+    assert events[2:] == [("stop", "process-1"), ("spawn", "b"), ("wait", "process-4"), ("stop", "process-4")]
+    assert server.process is None
+
+    def fail(*a):
+        raise SuzakError("not ready")  # wait_local_server stops the server itself before raising
+
+    monkeypatch.setattr(client_mod, "wait_local_server", fail)
+    events.clear()
+    early = client_mod.LocalServer(cfg, tmp_path / "server.log").spawn()  # start-up overlapping other work
+    with pytest.raises(SuzakError, match="not ready"), early:
+        pass
+    assert events == [("spawn", "a")] and early.process is None

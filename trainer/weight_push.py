@@ -1,9 +1,12 @@
-"""Weight transports from the learner to the rollout server: files (any machine), CUDA IPC (same GPU), NCCL.
+"""The learner's end of the weight push to the rollout server: files (any machine), CUDA IPC (same GPU), NCCL.
 
-    from vllm_server.transport import choose_transport
+    from trainer.weight_push import choose_transport
     transport = choose_transport(cfg, learner_device, client.info(), out_dir=run_dir)
     transport.init(client)                                   # once
     stats = transport.push(model.named_parameters(), version=step)
+
+The sending side only: it talks to the server through vllm_server/client.py (the server's receiving side is
+vllm_server/engine.py), and the client never imports this module.
 
 A push is one control message (POST /weights, suzak.wire.WeightUpdateRequest) per bucket, never one per tensor;
 the tensors travel on the transport's own data plane. The server pauses generation and clears its caches around
@@ -19,7 +22,7 @@ every push, so no completion mixes weights and each carries the version it was m
   (imported inside this class only).
 IPC and NCCL (and the unpacked modes) hold every tensor yielded by `named_tensors` until the push returns: pass
 live parameters (no dtype conversion) to avoid a full copy, and do not modify them until push() returns.
-Never imports vLLM at module level; torch is imported inside the functions that need it.
+Never imports vLLM at module level (only NCCLTransport does, inside); torch is imported inside the functions too.
 """
 
 from __future__ import annotations
