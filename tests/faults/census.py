@@ -5,23 +5,15 @@ user would try them, each outcome classified; the counts and the table go to ben
     PYTHONPATH=$PWD .venv/bin/python tests/faults/census.py --no-vllm        # only the cases needing no engine
 
 Not a pytest module (the fault suite, tests/faults/test_fault_*.py, asserts the same behaviour case by case); this
-is the issue's table, rerun. Outcomes: clear error (a one-line `error:` or a JSON 4xx/503 with a message, the
-process or server still fine), handled correctly (the input is legitimate or the fault is recovered from),
-traceback (or a 500, or an error without a message), hang (past its time limit), crash (the server or a process
-died or was left behind), data lost (an input or earlier output overwritten or removed), silently accepted
-(a bad input taken as good), clear error, late (right message, minutes in: after a model loaded).
-Servers are real `suzak serve` processes on the tiny model (vLLM on CPU here), trains are real `suzak train`
-runs of the embedded default, cut short.
+is the issue's table, rerun, each outcome judged as census_kit.py says. Servers are real `suzak serve` processes on
+the tiny model (vLLM on CPU here), trains are real `suzak train` runs of the embedded default, cut short.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import http.server
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -29,258 +21,20 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path[:0] = [str(ROOT), str(HERE)]
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 
 import httpx  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from fault_helpers import (TRAIN_SHORT, alive, data_url, descendants, engine_core, image_body, png_bytes,  # noqa: E402
-                           rss_mb, server_pid_of, steps_logged, text_body, wait_for_grpo_step)
-
-CLEAR, HANDLED, LATE = "clear error", "handled correctly", "clear error, late"
-TRACEBACK, HANG, CRASH, LOST, SILENT = "traceback", "hang", "crash", "data lost", "silently accepted"
-GOOD = (CLEAR, HANDLED)
-ORDER = (CLEAR, HANDLED, LATE, TRACEBACK, HANG, CRASH, LOST, SILENT, "census error")
-SECTIONS = {1: "Server limits", 2: "Engine liveness", 3: "Orphan servers", 4: "Checkpoints", 5: "Rescoring",
-            6: "Image sources on the server", 7: "Tracebacks (issue) -> clear errors", 8: "Checked early"}
-MB = 1 << 20
-TOKEN = "census-secret-token-0123456789"
-
-
-@dataclass
-class Case:
-    section: int
-    name: str
-    outcome: str
-    note: str
-    seconds: float
-
-
-class Census:
-    def __init__(self, work: Path):
-        self.work, self.cases = work, []
-
-    def short(self, text: str, limit: int = 150) -> str:
-        text = " ".join(str(text).replace(str(self.work), "$W").split())
-        return text if len(text) <= limit else text[:limit - 3] + "..."
-
-    def case(self, section: int, name: str, fn) -> None:
-        start = time.monotonic()
-        try:
-            outcome, note = fn()
-        except Exception as e:  # the census itself broke on this case: say so, go on with the next
-            outcome, note = "census error", f"{type(e).__name__}: {e}"
-        c = Case(section, name, outcome, self.short(note), time.monotonic() - start)
-        self.cases.append(c)
-        print(f"[{c.seconds:6.1f}s] {section}. {name}: {outcome} -- {c.note}", flush=True)
-
-
-# --------------------------------------------------------------------------- commands
-
-
-@dataclass
-class Run:
-    rc: int | None
-    out: str
-    err: str
-    seconds: float
-
-    @property
-    def text(self) -> str:
-        return self.out + self.err
-
-
-def env(home: Path, **extra) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "SUZAK_HOME": str(home), "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
-
-
-def suzak(home: Path, *argv, timeout: float = 180, cwd: Path | None = None) -> Run:
-    start = time.monotonic()
-    try:
-        p = subprocess.run([sys.executable, "-m", "suzak", *map(str, argv)], capture_output=True, text=True,
-                           timeout=timeout, env=env(home), cwd=cwd)
-        return Run(p.returncode, p.stdout, p.stderr, time.monotonic() - start)
-    except subprocess.TimeoutExpired as e:
-        return Run(None, (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or "",
-                   "", time.monotonic() - start)
-
-
-def cli_error(run: Run, fragment: str | None = None, late_s: float | None = None) -> tuple[str, str]:
-    """A command that must refuse its input: one `error:` line, exit code 2, no traceback."""
-    if run.rc is None:
-        return HANG, f"no answer in {run.seconds:.0f} s"
-    if "Traceback (most recent call last)" in run.text:
-        return TRACEBACK, run.text.strip().splitlines()[-1]
-    if run.rc == 0:
-        return SILENT, f"exit 0 in {run.seconds:.1f} s"
-    lines = [line for line in run.err.splitlines() if line.startswith("error:")]
-    if run.rc != 2 or not lines:
-        return CRASH, f"exit {run.rc}: {run.text.strip()[-200:]}"
-    message = run.err[run.err.index("error:"):]
-    if fragment is not None and fragment not in message:
-        return CLEAR, f"(expected '{fragment}') {message}"
-    if late_s is not None and run.seconds > late_s:
-        return LATE, f"after {run.seconds:.0f} s: {message}"
-    return CLEAR, f"{run.seconds:.1f} s: {message}"
-
-
-# --------------------------------------------------------------------------- servers
-
-
-class Server:
-    """A real `suzak serve` (its own session), on a free port."""
-
-    def __init__(self, census: Census, home: Path, name: str, *overrides: str, extra_env: dict | None = None):
-        from vllm_server.client import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = census.work / f"{name}.log"
-        with open(self.log, "w") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "suzak", "serve", f"server.port={self.port}",
-                                          *overrides], stdout=fh, stderr=subprocess.STDOUT,
-                                         env=env(home, **(extra_env or {})), start_new_session=True)
-        self.headers = {"Authorization": f"Bearer {TOKEN}"} if extra_env and "SUZAK_SERVER_TOKEN" in extra_env \
-            else {}
-
-    def wait_ready(self, timeout: float = 900) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"server not ready after {timeout:.0f} s")
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(self.url + "/health", timeout=10).json() == {"status": "ok"}
-        except (httpx.HTTPError, ValueError):
-            return False
-
-    def post(self, path: str, *, body=None, content: bytes | None = None, headers: dict | None = None,
-             timeout: float = 180):
-        try:
-            if content is not None:
-                return httpx.post(self.url + path, content=content, timeout=timeout,
-                                  headers={"content-type": "application/json", **self.headers, **(headers or {})})
-            return httpx.post(self.url + path, json=body, timeout=timeout, headers={**self.headers, **(headers or {})})
-        except httpx.TimeoutException as e:
-            return e
-        except httpx.HTTPError as e:
-            return e
-
-    def tree(self) -> list[int]:
-        return [self.proc.pid, *descendants(self.proc.pid)]
-
-    def kill(self) -> None:
-        pids = self.tree()
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for pid in pids:
-            if alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        self.proc.wait()
-
-
-def http_error(srv: Server, answer, fragment: str | None = None) -> tuple[str, str]:
-    """A request that must be refused: a JSON 4xx (or 503) with a message, and the server still up."""
-    if isinstance(answer, httpx.TimeoutException):
-        return HANG, f"no answer ({type(answer).__name__})"
-    if isinstance(answer, Exception):
-        return CRASH, f"{type(answer).__name__}: {answer}; server healthy: {srv.healthy()}"
-    try:
-        message = answer.json().get("error")
-    except ValueError:
-        message = None
-    if not srv.healthy():
-        return CRASH, f"{answer.status_code}, then /health fails"
-    if answer.status_code < 400:
-        return SILENT, f"{answer.status_code}"
-    if answer.status_code >= 500 and answer.status_code != 503 or not message:
-        return TRACEBACK, f"{answer.status_code}: {answer.text[:200]}"
-    if fragment is not None and fragment not in message:
-        return CLEAR, f"{answer.status_code} (expected '{fragment}'): {message}"
-    return CLEAR, f"{answer.status_code}: {message}"
-
-
-def gone(pids: list[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.25)
-    return [p for p in pids if alive(p)]
-
-
-class ImageHost:
-    """A local web server the rollout server may be asked to fetch from: /img.png, and /redirect to it."""
-
-    def __init__(self, png: bytes):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            hits: list[str] = []
-
-            def do_GET(self):  # noqa: N802 - the http.server API
-                Handler.hits.append(self.path)
-                if self.path == "/redirect":
-                    self.send_response(302)
-                    self.send_header("Location", "/img.png")
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(png)))
-                self.end_headers()
-                self.wfile.write(png)
-
-            def log_message(self, *a):
-                pass
-
-        self.handler = Handler
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-def small_png(path: Path, size=(112, 84)) -> Path:
-    Image.new("RGB", size, (10, 200, 30)).save(path)
-    return path
-
-
-def noise_png(size: int, seed: int) -> bytes:
-    import io
-    import random
-
-    rnd = random.Random(seed)
-    img = Image.frombytes("RGB", (size, size), bytes(rnd.getrandbits(8) for _ in range(size * size * 3)))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+from census_kit import (CLEAR, CRASH, GOOD, HANDLED, HANG, LOST, MB, ROOT, SILENT, TOKEN, TRACEBACK,  # noqa: E402
+                        Census, ImageHost, Server, absent, cli_error, env, gone, http_error, jsonl, kept, noise_png,
+                        small_png, suzak, unchanged, write_report)
+from fault_helpers import (TRAIN_SHORT, TRAIN_STEPS, alive, data_url, descendants, engine_core,  # noqa: E402
+                           image_body, png_bytes, rss_mb, server_pid_of, steps_logged, text_body, wait_for_grpo_step)
 
 
 # --------------------------------------------------------------------------- 4, 5, 7, 8: no engine needed
-
-
-def jsonl(path: Path, rows: list[dict], raw: bytes | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if raw is not None:
-        path.write_bytes(raw)
-    else:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def local_cases(c: Census, home: Path) -> None:
@@ -299,8 +53,8 @@ def local_cases(c: Census, home: Path) -> None:
         "not UTF-8"))
     c.case(7, "JSONL with non-UTF8 bytes, loading (`train data.source=`)", lambda: cli_error(
         suzak(home, "train", "--out", w / "t1", f"data.source={bad_utf8}", "--stages", "data"), "not UTF-8"))
-    preds_bad = jsonl(w / "p_bad" / "predictions.jsonl", [], raw=json.dumps(
-        {"ground_truth": 3, "output": "<answer>3</answer>"}).encode() + b"\n" + b'{"ground_truth": 3, "output": "\xc3\x28"}\n')
+    line = json.dumps({"ground_truth": 3, "output": "<answer>3</answer>"}).encode()
+    preds_bad = jsonl(w / "p_bad" / "predictions.jsonl", [], raw=line + b"\n" + line[:10] + b"\xc3\x28" + line[10:])
     c.case(7, "JSONL with non-UTF8 bytes, `eval --rescore`", lambda: cli_error(
         suzak(home, "eval", "superclevr", "--rescore", preds_bad, "--out", w / "o2"), "not UTF-8"))
     (data / "loop.png").symlink_to(data / "loop.png")
@@ -311,8 +65,8 @@ def local_cases(c: Census, home: Path) -> None:
     c.case(7, "integer image_path, loading", lambda: cli_error(
         suzak(home, "eval", "superclevr", "--data", intpath, "--server", refused, "--out", w / "o4"), "image_path"))
     (w / "outfile").write_text("keep")
-    c.case(7, "train --out is a file", lambda: kept(cli_error(suzak(home, "train", "--out", w / "outfile"), "is a file"),
-                                                   w / "outfile", "keep"))
+    c.case(7, "train --out is a file", lambda: kept(
+        cli_error(suzak(home, "train", "--out", w / "outfile"), "is a file"), w / "outfile", "keep"))
     for name, make in (("sft", lambda d: (d / "sft").write_text("keep")),
                        ("eval", lambda d: (d / "eval").write_text("keep"))):
         d = w / f"run_{name}"
@@ -346,7 +100,8 @@ def local_cases(c: Census, home: Path) -> None:
 
     ok = jsonl(data / "ok.jsonl", [json.loads(good)])
     c.case(8, "eval --server against a refused port", lambda: cli_error(suzak(
-        home, "eval", "superclevr", "--data", ok, "--server", f"http://127.0.0.1:{free_port()}", "--out", w / "o5"), "no rollout server answers", late_s=30))
+        home, "eval", "superclevr", "--data", ok, "--server", f"http://127.0.0.1:{free_port()}", "--out", w / "o5"),
+        "no rollout server answers", late_s=30))
     c.case(8, "eval with no --config: help and behaviour agree (built-in defaults)", lambda: no_config_eval(c, home, w))
 
     # 5: rescoring never overwrites its input.
@@ -372,23 +127,6 @@ def local_cases(c: Census, home: Path) -> None:
 
     # 4: checkpoints (the learner's CheckpointManager and Monitor, in this process).
     checkpoint_cases(c, w)
-
-
-def kept(result: tuple[str, str], path: Path, content: str) -> tuple[str, str]:
-    if not path.exists() or (path.is_file() and path.read_text() != content):
-        return LOST, f"{path} changed; " + result[1]
-    return result
-
-
-def absent(result: tuple[str, str], path: Path) -> tuple[str, str]:
-    return result if result[0] != CLEAR or not (path / "sft").exists() else (LATE, "SFT ran first; " + result[1])
-
-
-def unchanged(result: tuple[str, str], before: dict[Path, bytes]) -> tuple[str, str]:
-    for path, content in before.items():
-        if not path.is_file() or path.read_bytes() != content:
-            return LOST, f"{path.name} overwritten; " + result[1]
-    return result
 
 
 def rescore_elsewhere(home: Path, preds: Path, run: Path, out: Path) -> tuple[str, str]:
@@ -569,7 +307,7 @@ def loopback_server_cases(c: Census, home: Path) -> Server:
         srv, lambda: srv.post("/generate", content=(b"y" * MB for _ in range(200))), "server.max_request_mb"))
     c.case(1, "20 MB body of text: memory after it is answered", lambda: memory_case(
         srv, lambda: srv.post("/generate", body=text_body("y" * (20 * MB))), "characters of text", slack_mb=100))
-    images = [data_url(noise_png(600, seed)) for seed in range(24)]
+    images = [data_url(noise_png(600, seed)) for seed in range(14)]
     c.case(1, "20 MB body of valid images: served, memory after", lambda: memory_case(
         srv, lambda: srv.post("/generate", body={"prompts": [image_body(i)["prompts"][0] for i in images],
                                                   "sampling": {"max_tokens": 1}}), None, expect_ok=True, slack_mb=400))
@@ -620,7 +358,7 @@ def no_redirect(srv: Server, host: ImageHost) -> tuple[str, str]:
     return outcome, note
 
 
-def uniform(srv: Server, refs: list[str], good: Path) -> tuple[str, str]:
+def uniform(srv: Server, refs: list[str], good: Path | None = None) -> tuple[str, str]:
     """Missing, folder, non-image: one message (the path aside), so a client cannot probe which files exist."""
     messages = []
     for ref in refs:
@@ -631,7 +369,7 @@ def uniform(srv: Server, refs: list[str], good: Path) -> tuple[str, str]:
         messages.append(answer.json()["error"].replace(ref, "<path>"))
     if len(set(messages)) != 1:
         return SILENT, "the error text differs: " + " | ".join(m[:60] for m in messages)
-    if srv.post("/generate", body=image_body(str(good))).status_code != 200:
+    if good is not None and srv.post("/generate", body=image_body(str(good))).status_code != 200:
         return CRASH, "a good path is refused"
     return CLEAR, "400, one text for all: " + messages[0]
 
@@ -670,14 +408,15 @@ def kill_engine_cases(c: Census, srv: Server) -> None:
     tree = srv.tree()
     killed = time.monotonic()
     os.kill(engine_core(srv.proc.pid), signal.SIGKILL)
-    states = []
+    states = []  # (seconds since the kill, /health status, /ready code) until the server is gone
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and srv.proc.poll() is None:
+        t = time.monotonic() - killed
         try:
-            states.append((httpx.get(srv.url + "/health", timeout=5).json().get("status"),
+            states.append((t, httpx.get(srv.url + "/health", timeout=5).json().get("status"),
                            httpx.get(srv.url + "/ready", timeout=5).status_code))
         except (httpx.HTTPError, ValueError):
-            states.append(("refused", "refused"))
+            states.append((t, "refused", "refused"))
         time.sleep(0.2)
     thread.join(60)
     took = time.monotonic() - killed
@@ -695,9 +434,11 @@ def kill_engine_cases(c: Census, srv: Server) -> None:
         return (SILENT if answer.status_code == 200 else TRACEBACK), f"{answer.status_code}: {answer.text[:150]}"
 
     c.case(2, "engine killed (kill -9 VLLM::EngineCore) under a request in flight", request)
+    late = [(health, ready) for t, health, ready in states if t > 2.0]  # the engine is checked once a second
     c.case(2, "/health and /ready after the engine died", lambda: (
-        (HANDLED, f"never 'ok'/200 after the kill: {sorted(set(map(str, states)))}")
-        if all(s != "ok" and r != 200 for s, r in states[1:]) else (SILENT, f"states seen: {states[:8]}")))
+        (HANDLED, f"from 2 s after the kill on, never ok/200: {sorted(set(map(str, late))) or 'server gone'}; "
+                  f"first {len(states)} polls {sorted(set(map(str, [(h, r) for _, h, r in states])))}")
+        if all(h != "ok" and r != 200 for h, r in late) else (SILENT, f"states seen: {states[:8]}")))
 
     def push_after():
         t = time.monotonic()
@@ -737,7 +478,7 @@ def off_loopback_cases(c: Census, home: Path) -> None:
             srv, srv.post("/generate", body=image_body(host.url + "/img.png")), "allow_image_urls")))
         c.case(6, "off loopback: a local path anywhere on disk", lambda: http_error(
             srv, srv.post("/generate", body=image_body(str(small))), "image file not found"))
-        c.case(6, "off loopback: missing / existing / non-image paths read the same", lambda: same_text(
+        c.case(6, "off loopback: missing / existing / non-image paths read the same", lambda: uniform(
             srv, [str(w / "nope.png"), str(small), "/etc/passwd"]))
         no_token = {"Authorization": ""}
         c.case(6, "off loopback: /generate without a token (server.token_for_generate=true)", lambda: http_error(
@@ -759,19 +500,6 @@ def off_loopback_cases(c: Census, home: Path) -> None:
 
 def fetched(srv: Server, host: ImageHost, result: tuple[str, str]) -> tuple[str, str]:
     return (SILENT, "the URL was fetched") if "/img.png" in host.handler.hits else result
-
-
-def same_text(srv: Server, refs: list[str]) -> tuple[str, str]:
-    messages = []
-    for ref in refs:
-        answer = srv.post("/generate", body=image_body(ref))
-        outcome, note = http_error(srv, answer, "image file not found")
-        if outcome != CLEAR:
-            return outcome, f"{ref}: {note}"
-        messages.append(answer.json()["error"].replace(ref, "<path>"))
-    if len(set(messages)) != 1:
-        return SILENT, "the error text differs: " + " | ".join(m[:60] for m in messages)
-    return CLEAR, "400, one text for all: " + messages[0]
 
 
 def sigterm_case(c: Census, srv: Server) -> None:
@@ -796,3 +524,167 @@ def sigterm_case(c: Census, srv: Server) -> None:
     c.case(2, "SIGTERM with a request in flight stops the server and its engine", lambda: (
         (HANDLED, f"exit {code} after {time.monotonic() - start:.1f} s, request answered {status}, nothing left")
         if code is not None and not left else (HANG if code is None else CRASH, f"exit {code}; left: {left}")))
+
+
+# --------------------------------------------------------------------------- 2, 3, 4: real `suzak train` runs
+
+
+def train_cmd(out: Path, *extra: str) -> list[str]:
+    return ["train", "--out", out, *TRAIN_SHORT, *extra]
+
+
+def start_train(c: Census, home: Path, name: str):
+    out, log = c.work / name / "run", c.work / f"{name}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "suzak", *map(str, train_cmd(out))], stdout=fh,
+                                stderr=subprocess.STDOUT, env=env(home))
+    wait_for_grpo_step(proc, out, log, step=3)
+    return proc, out, log
+
+
+def train_cases(c: Census, home: Path) -> None:
+    # 2: the engine killed mid-GRPO: the learner gets an error within seconds, restarts the server, loses nothing.
+    proc, out, log = start_train(c, home, "t_engine")
+    before = (out / "grpo_metrics.jsonl").read_text()
+    server = server_pid_of(out)
+    tree = [server, *descendants(server)]
+    os.kill(engine_core(server), signal.SIGKILL)
+    try:
+        code = proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = None
+    text = log.read_text()
+
+    def engine_mid_grpo():
+        if code is None:
+            return HANG, "the learner did not finish within 15 min"
+        if "Traceback (most recent call last)" in text:
+            return TRACEBACK, text.strip().splitlines()[-1]
+        metrics = (out / "grpo_metrics.jsonl").read_text()
+        steps = steps_logged(out / "grpo_metrics.jsonl")
+        if not metrics.startswith(before) or steps != list(range(1, TRAIN_STEPS + 1)):
+            return LOST, f"exit {code}, steps logged {steps}"
+        if code == 0 and "restarting it (1/2)" in text:
+            line = next(x for x in text.splitlines() if "restarting it" in x)
+            return HANDLED, f"exit 0, steps 1-{TRAIN_STEPS} once; " + line[line.index("grpo:"):][:40] + \
+                "... restarting it (1/2)" + line.split("restarting it (1/2)")[1]
+        return (CLEAR if code == 2 else CRASH), f"exit {code}: {text.strip().splitlines()[-1]}"
+
+    c.case(2, "engine killed mid-GRPO under `suzak train`", engine_mid_grpo)
+    c.case(3, "the killed engine's server leaves nothing behind", lambda: (
+        (HANDLED, "no process of its tree left") if not gone(tree, 30) else (CRASH, f"left: {gone(tree, 0)}")))
+    after = (out / "grpo_metrics.jsonl").read_text()
+    c.case(2, "rerun after the engine's death: nothing redone, nothing overwritten", lambda: rerun(
+        home, out, after, resumed=False))
+
+    # 3: the learner killed with -9 (as the OOM killer does): its server and engine go with it; a rerun resumes.
+    proc, out, log = start_train(c, home, "t_learner")
+    before = (out / "grpo_metrics.jsonl").read_text()
+    server = server_pid_of(out)
+    tree = [server, *descendants(server)]
+    proc.kill()
+    proc.wait()
+    c.case(3, "learner killed with -9 mid-GRPO: its server and engine stop", lambda: (
+        (HANDLED, f"all {len(tree)} server processes gone within 60 s") if not gone(tree, 60)
+        else (CRASH, f"left running: {gone(tree, 0)}")))
+    c.case(3, "rerun after the learner's kill -9: no old server, resumes, every step once", lambda: rerun(
+        home, out, before, resumed=True))
+
+    # 4: every checkpoint corrupt on a real rerun: a clear error, the metrics untouched.
+    shutil.rmtree(out / "grpo" / "final")
+    for ckpt in (out / "grpo" / "checkpoints").glob("step-*"):
+        data = bytearray((ckpt / "trainable.safetensors").read_bytes())
+        data[-20] ^= 0xFF
+        (ckpt / "trainable.safetensors").write_bytes(bytes(data))
+    metrics = (out / "grpo_metrics.jsonl").read_bytes()
+    c.case(4, "every checkpoint corrupt, `suzak train` rerun", lambda: unchanged(cli_error(
+        suzak(home, *train_cmd(out, "--stages", "grpo"), timeout=900), "--no-resume"),
+        {out / "grpo_metrics.jsonl": metrics}))
+    sft_metrics = (out / "sft_metrics.jsonl").read_bytes()
+
+    def no_resume():
+        r = suzak(home, *train_cmd(out, "--no-resume", "--stages", "sft", "sft.max_steps=1"), timeout=600)
+        if r.rc != 0:
+            return cli_error(r)
+        asides = list(out.glob("previous-*"))
+        if len(asides) != 1 or (asides[0] / "sft_metrics.jsonl").read_bytes() != sft_metrics:
+            return LOST, f"asides {asides}"
+        return HANDLED, f"earlier sft/, sft_metrics.jsonl, eval/ moved to {asides[0].name}/; grpo_metrics kept: " \
+                        f"{(out / 'grpo_metrics.jsonl').read_bytes() == metrics}"
+
+    c.case(4, "--no-resume over an earlier run", no_resume)
+
+
+def rerun(home: Path, out: Path, before: str, resumed: bool) -> tuple[str, str]:
+    r = suzak(home, *train_cmd(out), timeout=900)
+    if r.rc != 0:
+        return cli_error(r)
+    if "Traceback (most recent call last)" in r.text:
+        return TRACEBACK, r.text.strip().splitlines()[-1]
+    if "from an earlier run is still running" in r.text:
+        return CRASH, "an old server was still running"
+    steps = steps_logged(out / "grpo_metrics.jsonl")
+    metrics = (out / "grpo_metrics.jsonl").read_text()
+    if steps != list(range(1, TRAIN_STEPS + 1)) or not metrics.startswith(before):
+        return LOST, f"steps {steps}; earlier lines kept: {metrics.startswith(before)}"
+    line = next((x for x in r.out.splitlines() if x.startswith("resumed GRPO")), "")
+    if resumed != bool(line):
+        return SILENT, f"resumed: {bool(line)}"
+    return HANDLED, f"exit 0, steps 1-{TRAIN_STEPS} once, earlier lines as written" + (
+        f"; {line.replace(str(out), 'run')}" if line else "; GRPO not redone")
+
+
+def main() -> int:
+    import importlib.util
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "bench" / "FAULTS.md"), help="the report (default bench/FAULTS.md)")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the cases that need real servers and trains")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (logs of every server and run)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="suzak-census-"))
+    print(f"census work folder: {work}", flush=True)
+    c, home, start = Census(work), work / "home", time.time()
+    servers: list[Server] = []
+
+    def phase(section: int, name: str, fn) -> None:
+        """A group of cases; if the census breaks inside it, that is recorded and the next group runs."""
+        try:
+            fn()
+        except Exception as e:
+            note = f"{type(e).__name__}: {e}"
+            c.case(section, f"({name}: the census broke)", lambda: ("census error", note))
+
+    def live_servers() -> None:
+        srv = loopback_server_cases(c, home)
+        servers.append(srv)
+        kill_engine_cases(c, srv)
+        spare = Server(c, home, "server_sigterm", *CPU_SERVER)  # starts while the off-loopback cases run
+        servers.append(spare)
+        phase(6, "off-loopback server", lambda: off_loopback_cases(c, home))
+        spare.wait_ready()
+        sigterm_case(c, spare)
+
+    try:
+        phase(7, "local cases", lambda: local_cases(c, home))
+        if not args.no_vllm and importlib.util.find_spec("vllm") is not None:
+            phase(1, "servers", live_servers)
+            phase(2, "trains", lambda: train_cases(c, home))
+    finally:
+        for srv in servers:
+            srv.kill()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    command = "PYTHONPATH=$PWD .venv/bin/python tests/faults/census.py" + (" --no-vllm" if args.no_vllm else "")
+    write_report(c, Path(args.out), command, time.time() - start)
+    bad = [k for k in c.cases if k.outcome not in GOOD]
+    print(f"\n{len(c.cases)} cases, {len(bad)} not a clear error or handled correctly; report: {args.out}")
+    for k in bad:
+        print(f"  {k.section}. {k.name}: {k.outcome} -- {k.note}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

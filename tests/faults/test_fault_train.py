@@ -5,10 +5,11 @@ metrics line of the first run overwritten.
     .venv/bin/python -m pytest tests/faults/test_fault_train.py -q
 
 The embedded default (tiny model, synthetic CLEVR) cut short (fault_helpers.TRAIN_SHORT: one GRPO step lasts long
-enough to be killed in the middle). The kill comes once the step-2 checkpoint is on disk and step 3 is running. A learner killed with -9 takes its server with it, and the
-rerun resumes from the newest checkpoint; a server or engine killed under a running learner is restarted by the
-learner, which goes on from the step it was at, and the rerun finds every stage done. About 2-3 minutes a case on
-2 cores, most of it vLLM start-ups.
+enough to be killed in the middle). The kill comes once the step-2 checkpoint is on disk and step 3 is running. A
+learner killed with -9 takes its server with it, and the rerun resumes from the newest checkpoint; a server or
+engine killed under a running learner is restarted by the learner, which goes on from the step it was at (a step
+that was trained but not yet pushed is logged first), and the rerun finds every stage done. About 2-3 minutes a
+case on 2 cores, most of it vLLM start-ups.
 """
 
 from __future__ import annotations
