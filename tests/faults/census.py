@@ -271,7 +271,7 @@ def memory_case(srv: Server, send, fragment: str | None, expect_ok: bool = False
         outcome, note = http_error(srv, answer, fragment)
     if outcome in GOOD and not grown < slack_mb:
         return CRASH, f"the server kept {grown:.0f} MB after answering ({note})"
-    return outcome, f"{note}; server memory {grown:+.0f} MB after"
+    return outcome, f"server memory {grown:+.0f} MB after; {note}"
 
 
 def loopback_server_cases(c: Census, home: Path) -> Server:

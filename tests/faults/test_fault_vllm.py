@@ -184,6 +184,12 @@ def test_a_push_that_does_not_fit_is_refused_before_vllm_sees_it(srv, model, tmp
         assert r.status_code == 400 and "do not fit" in r.json()["error"] and name in r.json()["error"]
         assert c.get("/ready").json()["policy_version"] == 0
         assert c.post("/generate", json=text_body()).status_code == 200  # vLLM's model was not touched
+        # A first push naming a tensor the model does not have: refused too (vLLM would fail half-way and stop).
+        save_file({**weights, "model.layers.0.mlp.not_a_tensor.weight": torch.zeros(2, 2)},
+                  str(tmp_path / "model.safetensors"))
+        r = c.post("/weights", json={"version": 5, "transport": "files", "path": str(tmp_path)})
+        assert r.status_code == 400 and "does not have" in r.json()["error"] and "not_a_tensor" in r.json()["error"]
+        assert c.post("/generate", json=text_body()).status_code == 200
 
 
 def test_the_engine_killed_mid_request_fails_it_within_seconds_and_stops_the_server(srv):
