@@ -491,7 +491,7 @@ def off_loopback_cases(c: Census, home: Path) -> None:
             else (CRASH, "refused")))
         tree = srv.tree()
         os.kill(srv.proc.pid, signal.SIGKILL)  # as the OOM killer would
-        c.case(3, "the server itself killed with -9 (OOM): its engine goes too", lambda: (
+        c.case(1, "the server itself killed with -9 (as by the OOM killer): its engine goes too", lambda: (
             (HANDLED, "no process of its tree left after 60 s") if not gone(tree, 60)
             else (CRASH, f"left running: {gone(tree, 0)}")))
     finally:

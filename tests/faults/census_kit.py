@@ -313,6 +313,12 @@ def write_report(c: Census, path: Path, command: str, seconds: float) -> None:
         "The issue's run (2026-12-07, before the fixes) tried 76 cases: 42 clear errors, 9 handled correctly, "
         "15 tracebacks, 3 hangs, 1 crash, 2 data lost, 4 silently accepted. It named only its failures and a few "
         "others; this census tries each case named there, so its total differs.", "",
+        "How the harder cases are made: the 50 MB bodies come in three shapes (one prompt's text, 400 prompts each "
+        "just under the character cap, a junk field) under the default 128 MB limit; \"killed by the OOM killer\" is "
+        "kill -9 (of the server, or of the learner); the engine is the topmost VLLM::EngineCore process; the "
+        "off-loopback server binds 0.0.0.0 with SUZAK_SERVER_TOKEN and server.token_for_generate=true (without it, "
+        "/generate off loopback takes no token: the token is opt-in, as the issue asks); URLs are served by a local "
+        "web server, as no other host is reachable here.", "",
         f"## Counts ({len(c.cases)} cases)", "",
         "| outcome | cases |", "|---|---|",
         *[f"| {o} | {n} |" for o, n in counts.items() if n or o in ORDER[:-1]], "",
