@@ -125,6 +125,8 @@ class GRPOLearner:
         self.out_dir = Path(out_dir)
         self.eval_hook = eval_hook
         self.sync_phases = sync_phases
+        self.push_error: SuzakError | None = None
+        """A weight push that failed after this step's update (the server died): raised once the step is logged."""
         self.acc = make_accelerator(cfg)
         self.device = self.acc.device
         torch.manual_seed(cfg.seed + self.acc.process_index)
@@ -376,7 +378,12 @@ class GRPOLearner:
         self.step_index += 1
         self.policy_version += 1
         with timer("weight_sync"):
-            self.push_weights()
+            try:
+                self.push_weights()
+            except SuzakError as e:
+                # The update is done and counted: run() logs (and checkpoints) this step before raising, so a
+                # restarted server or a rerun goes on from here instead of losing the step's metrics.
+                self.push_error = e
         tokens = sum(len(prompts[r.prompt_index].input_ids) + len(r.completion_ids) for r in rollouts)
         metrics.update({f"time/{k}": v for k, v in timer.totals.items()})
         step_time = sum(timer.totals.values())
@@ -415,12 +422,18 @@ class GRPOLearner:
         try:
             while self.step_index < cfg.grpo.steps:
                 metrics = self.step()
-                if self.eval_hook is not None and cfg.eval.every_steps and self.step_index % cfg.eval.every_steps == 0:
+                failed, self.push_error = self.push_error, None
+                if failed is not None and self.acc.num_processes > 1:
+                    raise failed  # the other ranks wait in the push's barrier: no collective save now
+                if failed is None and self.eval_hook is not None and cfg.eval.every_steps \
+                        and self.step_index % cfg.eval.every_steps == 0:
                     metrics.update(self.eval_hook(self.client, self.step_index))
                 if monitor is not None and self.acc.is_main_process:
                     monitor.log(self.step_index, metrics)
                 if self.step_index % cfg.checkpoint.every_steps == 0 or self.step_index == cfg.grpo.steps:
                     self.save()
+                if failed is not None:
+                    raise failed
         except KeyboardInterrupt:
             log.info(f"interrupted at step {self.step_index}: saving a checkpoint")
             self.save()

@@ -160,7 +160,8 @@ def check_push_shapes(pushed: dict[str, tuple[int, ...]], known: dict[str, tuple
     """Refuse a push that cannot fit before vLLM sees it (its reload leaves the model half-loaded on failure).
 
     known: the served checkpoint's tensors; learned: those of the last push that loaded (both by canonical name).
-    A tensor of another shape than either is refused; after one push has loaded, so is a name it did not have."""
+    A tensor of another shape than either is refused, and so is a name neither has, once either is known (vLLM
+    would fail on it half-way and leave its model half-loaded, which stops the server)."""
     wrong, unknown = [], []
     for name, shape in pushed.items():
         canon = canonical_name(name)
@@ -170,7 +171,7 @@ def check_push_shapes(pushed: dict[str, tuple[int, ...]], known: dict[str, tuple
                 break
         else:
             # A tied lm_head (the embedding's transpose) is in the learner's state_dict but in no saved checkpoint.
-            if learned is not None and canon not in learned and canon not in known \
+            if (learned is not None or known) and canon not in (learned or {}) and canon not in known \
                     and not canon.endswith("lm_head.weight"):
                 unknown.append(name)
     if wrong or unknown:

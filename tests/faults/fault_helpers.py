@@ -1,11 +1,15 @@
-"""Shared pieces of the fault suite: a fake engine, image bombs, process checks (imported by the test modules)."""
+"""Shared pieces of the fault suite: a fake engine, image bombs, process checks, a short real `suzak train`
+(imported by the test modules and census.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import struct
+import time
 import zlib
+from pathlib import Path
 
 from suzak import wire
 from vllm_server.app import descendants  # noqa: F401 - the fault tests' process-tree helper
@@ -48,6 +52,31 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+def is_engine_core(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().startswith(b"VLLM::EngineCore")
+    except OSError:
+        return False
+
+
+def parent_pid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def engine_core(server_pid: int) -> int:
+    """The engine process itself: children it forks (compile workers) inherit its title, so take the topmost."""
+    cores = [pid for pid in descendants(server_pid) if is_engine_core(pid)]
+    top = [pid for pid in cores if not is_engine_core(parent_pid(pid))]
+    if len(top) != 1:
+        raise AssertionError(f"expected one VLLM::EngineCore under the server, found {top} (all: {cores})")
+    return top[0]
 
 
 def rss_mb(pid: int) -> float:
@@ -107,3 +136,41 @@ class FakeEngine(Engine):
 
     async def reset_caches(self):
         return {}
+
+
+# --------------------------------------------------------------------------- a real `suzak train`, cut short
+
+TRAIN_STEPS = 5
+TRAIN_SHORT = ["data.synth.n=32", "sft.max_steps=3", f"grpo.steps={TRAIN_STEPS}", "grpo.prompts_per_step=2",
+               "grpo.num_generations=16", "grpo.max_completion_tokens=400", "grpo.ignore_eos=true", "eval.synth_n=8",
+               "logging.progress=false", "checkpoint.every_steps=1", "checkpoint.keep_last=2"]
+"""The embedded default cut to 3 SFT steps and 5 GRPO steps of fixed-length completions (grpo.ignore_eos): one
+step's generation lasts seconds on 2 cores, long enough to be killed in the middle."""
+
+
+def steps_logged(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def server_pid_of(out: Path) -> int | None:
+    """The local rollout server a run in `out` started (its server.pid)."""
+    try:
+        return int(json.loads((out / "server.pid").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def wait_for_grpo_step(proc, out: Path, log: Path, step: int = 3, timeout: float = 600) -> None:
+    """Until the checkpoint of step - 1 is complete and its metrics line written, and step `step` is generating."""
+    deadline = time.monotonic() + timeout
+    checkpoint = out / "grpo" / "checkpoints" / f"step-{step - 1:06d}" / "state.json"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"`suzak train` ended ({proc.returncode}) before GRPO step {step}:\n"
+                                 + log.read_text()[-3000:])
+        if checkpoint.exists() and step - 1 in steps_logged(out / "grpo_metrics.jsonl"):
+            time.sleep(0.5)  # into the step's generation
+            assert steps_logged(out / "grpo_metrics.jsonl")[-1] == step - 1, f"step {step} ended before the kill"
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no GRPO step-{step - 1} checkpoint after {timeout:.0f} s:\n" + log.read_text()[-3000:])

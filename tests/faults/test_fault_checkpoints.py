@@ -195,6 +195,38 @@ def test_a_local_server_that_dies_under_the_learner_is_restarted_and_gets_the_cu
     client.close()
 
 
+def test_a_push_that_fails_after_the_update_logs_the_step_before_the_error(tmp_path):
+    """The server dies while the learner pushes step 3's weights: step 3 is trained and counted, so its metrics line
+    is written before the error goes up, and the restarted run goes on with step 4 (no step missing)."""
+    from trainer.grpo import GRPOLearner
+
+    learner = GRPOLearner.__new__(GRPOLearner)  # run()'s bookkeeping only: no model, no server
+    learner.cfg = load_config(None, [f"out_dir={tmp_path}", "grpo.steps=4", "checkpoint.every_steps=2",
+                                     "checkpoint.resume=false"])
+    learner.step_index, learner.policy_version, learner.push_error, learner.eval_hook = 0, 0, None, None
+    learner.acc = SimpleNamespace(is_main_process=True, num_processes=1)
+    pushes, saved = [], []
+
+    def step():
+        learner.step_index += 1
+        learner.policy_version += 1
+        if learner.step_index == 3:
+            learner.push_error = SuzakError("rollout server: POST /weights -> 503: the vLLM engine died")
+        return {"loss": 0.1, "policy_version": learner.policy_version}
+
+    learner.step, learner.push_weights = step, lambda: pushes.append(learner.policy_version)
+    learner.save = lambda: saved.append(learner.step_index)
+    monitor = Monitor(tmp_path, LoggingConfig(progress=False), 4, "grpo")
+    with pytest.raises(SuzakError, match="engine died"):
+        learner.run(monitor)
+    metrics = tmp_path / "grpo_metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3] and saved == [2]
+    learner.run(monitor)  # as _run_learner restarts it on a new server (no resume: it is where it was)
+    monitor.close()
+    assert [json.loads(line)["policy_version"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    assert pushes == [0, 3] and saved == [2, 4]  # the restarted server got step 3's weights first
+
+
 def test_a_server_that_keeps_dying_stops_the_run_with_a_clear_message(tmp_path):
     from trainer import pipeline
 

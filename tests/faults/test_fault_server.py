@@ -379,6 +379,10 @@ def test_push_checks_know_checkpoint_spellings_and_tied_heads():
         check_push_shapes({**learner, "model.language_model.layers.0.w": (4, 3)}, served, None)
     with pytest.raises(RequestError, match=r"does not have.*model\.foo"):
         check_push_shapes({**learner, "model.foo": (1,)}, served, dict(served))
+    # The first push too: a name the served checkpoint lacks would fail inside vLLM and stop the server.
+    with pytest.raises(RequestError, match=r"1 tensor\(s\) the model does not have.*not_a_tensor"):
+        check_push_shapes({**learner, "model.layers.0.not_a_tensor": (2, 2)}, served, None)
+    check_push_shapes({"model.layers.0.not_a_tensor": (2, 2)}, {}, None)  # nothing known yet: vLLM decides
 
 
 _SERVE_FAKE = r"""

@@ -27,7 +27,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from fault_helpers import alive, data_url, descendants, image_body, png_bytes, rss_mb, text_body
+from fault_helpers import (alive, data_url, descendants, engine_core, image_body, is_engine_core, png_bytes, rss_mb,
+                           text_body)
 from suzak.images import encode_image_data_url
 
 pytestmark = [
@@ -78,29 +79,6 @@ def _gone(pids: list[int], timeout: float) -> list[int]:
             return []
         time.sleep(0.25)
     return [p for p in pids if alive(p)]
-
-
-def _is_engine_core(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore")
-    except OSError:
-        return False
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _engine_core(server_pid: int) -> int:
-    """The engine process itself: children it forks (compile workers) inherit its title, so take the topmost."""
-    cores = [pid for pid in descendants(server_pid) if _is_engine_core(pid)]
-    top = [pid for pid in cores if not _is_engine_core(_parent(pid))]
-    if len(top) != 1:
-        raise AssertionError(f"expected one VLLM::EngineCore under the server, found {top} (all: {cores})")
-    return top[0]
 
 
 def _in_flight(url: str, box: dict) -> threading.Thread:
@@ -206,6 +184,12 @@ def test_a_push_that_does_not_fit_is_refused_before_vllm_sees_it(srv, model, tmp
         assert r.status_code == 400 and "do not fit" in r.json()["error"] and name in r.json()["error"]
         assert c.get("/ready").json()["policy_version"] == 0
         assert c.post("/generate", json=text_body()).status_code == 200  # vLLM's model was not touched
+        # A first push naming a tensor the model does not have: refused too (vLLM would fail half-way and stop).
+        save_file({**weights, "model.layers.0.mlp.not_a_tensor.weight": torch.zeros(2, 2)},
+                  str(tmp_path / "model.safetensors"))
+        r = c.post("/weights", json={"version": 5, "transport": "files", "path": str(tmp_path)})
+        assert r.status_code == 400 and "does not have" in r.json()["error"] and "not_a_tensor" in r.json()["error"]
+        assert c.post("/generate", json=text_body()).status_code == 200
 
 
 def test_the_engine_killed_mid_request_fails_it_within_seconds_and_stops_the_server(srv):
@@ -216,7 +200,7 @@ def test_the_engine_killed_mid_request_fails_it_within_seconds_and_stops_the_ser
     assert not box, f"the long request finished early: {box}"
     tree = [srv.pid, *descendants(srv.pid)]
     killed = time.monotonic()
-    os.kill(_engine_core(srv.pid), signal.SIGKILL)
+    os.kill(engine_core(srv.pid), signal.SIGKILL)
     thread.join(30)
     assert box.get("status") == 503 and "engine died" in box["body"], box
     assert time.monotonic() - killed < 10
@@ -235,7 +219,7 @@ def test_kill_9_leaves_no_server_or_engine_behind(model, tmp_path_factory, victi
         thread = _in_flight(s.url, box)
         time.sleep(2)
         tree = [s.pid, *descendants(s.pid)]
-        assert any(Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"VLLM::EngineCore") for p in tree)
+        assert any(is_engine_core(p) for p in tree)
         if victim == "learner":
             s.parent.kill()  # SIGKILL: the learner has no chance to stop its server
             s.parent.wait()
