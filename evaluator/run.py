@@ -42,11 +42,11 @@ def greedy_sampling(max_new_tokens: int) -> wire.SamplingParams:
 
 
 def build_prompt(task: Task, example: Example, *, prompt: str, system: bool, min_pixels: int,
-                 max_pixels: int) -> wire.Prompt:
+                 max_pixels: int, factor: int = 28) -> wire.Prompt:
     """One wire prompt; the image is resized to the server's pixel budget (it rejects larger ones) and inlined."""
     from suzak.images import encode_image_data_url, resize_to_budget
 
-    image = resize_to_budget(example.load_image(), min_pixels, max_pixels)
+    image = resize_to_budget(example.load_image(), min_pixels, max_pixels, factor)
     messages = task.messages(example, prompt=prompt, system=system, image_ref=encode_image_data_url(image))
     return wire.Prompt.model_validate({"messages": messages})
 
@@ -96,19 +96,19 @@ def evaluate(client, task: Task, examples: list[Example], *, scoring: str = "r1v
     if batch_size < 1:
         raise SuzakError(f"batch_size must be >= 1, got {batch_size}")
     max_new_tokens = max_new_tokens or task.default_max_new_tokens
-    if min_pixels is None or max_pixels is None or model is None:
-        info = client.info()
-        min_pixels = min_pixels if min_pixels is not None else info.min_pixels
-        max_pixels = max_pixels if max_pixels is not None else info.max_pixels
-        model = model or info.model
+    info = client.info()  # the served model's visual-token size (28 or 32 px), and the defaults below
+    factor = getattr(info, "patch_factor", 28)
+    min_pixels = min_pixels if min_pixels is not None else info.min_pixels
+    max_pixels = max_pixels if max_pixels is not None else info.max_pixels
+    model = model or info.model
     sampling = greedy_sampling(max_new_tokens)
     report = _progress_callback(progress, len(examples))
     start = time.perf_counter()
     records, failures = [], []
     for lo in range(0, len(examples), batch_size):
         batch = examples[lo:lo + batch_size]
-        prompts = [build_prompt(task, ex, prompt=prompt, system=system, min_pixels=min_pixels, max_pixels=max_pixels)
-                   for ex in batch]
+        prompts = [build_prompt(task, ex, prompt=prompt, system=system, min_pixels=min_pixels, max_pixels=max_pixels,
+                                factor=factor) for ex in batch]
         response = client.generate(wire.GenerateRequest(prompts=prompts, sampling=sampling))
         if len(response.results) != len(batch):
             raise RuntimeError(f"server answered {len(response.results)} results for {len(batch)} prompts")

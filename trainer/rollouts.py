@@ -51,9 +51,10 @@ class Rollout:
 def prepare_prompt(example: Example, task: Task, processor, *, prompt: str, system: bool,
                    min_pixels: int, max_pixels: int) -> PreparedPrompt:
     """Resize the image to the pixel budget, send it as a data URL, and tokenize it the same way the server will."""
+    from suzak.families import processor_factor
     from suzak.images import encode_image_data_url, resize_to_budget
 
-    image = resize_to_budget(example.load_image(), min_pixels, max_pixels)
+    image = resize_to_budget(example.load_image(), min_pixels, max_pixels, processor_factor(processor))
     messages = task.messages(example, prompt=prompt, system=system, image_ref=encode_image_data_url(image))
     hf_messages = [_to_hf_message(m) for m in messages]
     text = processor.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)

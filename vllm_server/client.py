@@ -211,7 +211,7 @@ class RolloutClient:
         Local paths are kept for a server on this machine and inlined as data URLs for a remote one."""
         info = info or self.info()
         local = httpx.URL(self.url).host in ("127.0.0.1", "localhost", "::1", "testserver")
-        return prepare_images(req, info.min_pixels, info.max_pixels, inline_paths=not local)
+        return prepare_images(req, info.min_pixels, info.max_pixels, inline_paths=not local, factor=info.patch_factor)
 
     # ------------------------------------------------------------------ weights and memory
 
@@ -241,9 +241,10 @@ class RolloutClient:
 
 
 def prepare_images(req: wire.GenerateRequest, min_pixels: int, max_pixels: int, *,
-                   inline_paths: bool = False) -> wire.GenerateRequest:
-    """Resize every image of a request to the budget; images already at their budget size keep their reference
-    (local paths too unless inline_paths, for a server on another machine)."""
+                   inline_paths: bool = False, factor: int = 28) -> wire.GenerateRequest:
+    """Resize every image of a request to the budget (sides multiples of `factor`, the served model's); images
+    already at their budget size keep their reference (local paths too unless inline_paths, for a server on another
+    machine)."""
     from suzak.images import budget_size, encode_image_data_url, load_image, resize_to_budget
 
     out = req.model_copy(deep=True)
@@ -254,8 +255,8 @@ def prepare_images(req: wire.GenerateRequest, min_pixels: int, max_pixels: int, 
                     continue
                 img = load_image(part.image, field=f"prompts.{i}.messages.{m}.content.{c}.image")
                 is_path = not part.image.startswith(("data:", "http://", "https://"))
-                if budget_size(img.height, img.width, min_pixels, max_pixels) != (img.height, img.width):
-                    part.image = encode_image_data_url(resize_to_budget(img, min_pixels, max_pixels))
+                if budget_size(img.height, img.width, min_pixels, max_pixels, factor) != (img.height, img.width):
+                    part.image = encode_image_data_url(resize_to_budget(img, min_pixels, max_pixels, factor))
                 elif is_path and inline_paths:
                     part.image = encode_image_data_url(img)
     return out
