@@ -72,10 +72,14 @@ class ModelConfig(Section):
             return data
         data = dict(data)
         name, family = data.get("name_or_path", "tiny"), data.get("family", "auto")
+        known = next((f for f in FAMILIES.values() if name in f.hub_ids), None)
         if family in FAMILIES and tiny_family(name) is not None:
             data["name_or_path"] = FAMILIES[family].tiny_name
+        elif family in FAMILIES and known is not None and known.name != family:
+            raise ValueError(f"model.family is {family} but {name} is {known.label}: set model.family to "
+                             f"{known.name} or auto")
         elif family == "auto":
-            known = tiny_family(name) or next((f for f in FAMILIES.values() if name in f.hub_ids), None)
+            known = tiny_family(name) or known
             if known is not None:
                 data["family"] = known.name
         return data
