@@ -1,4 +1,4 @@
-"""The tiny embedded Qwen2.5-VL: a random-init model of a few million parameters for CPU tests and demos.
+"""The tiny embedded Qwen2.5-VL and Qwen3-VL: random-init models of a few million parameters for CPU tests and demos.
 
 `build_tiny_model(out)` writes a normal Hugging Face folder (config.json, model.safetensors,
 tokenizer.json, chat template, processor config, generation_config.json) that loads with
@@ -6,6 +6,7 @@ transformers `AutoProcessor` + `AutoModelForImageTextToText` and with vLLM (vllm
 Nothing is downloaded: the tokenizer is a byte-level BPE trained here on the tasks' own text.
 
     python -m suzak.tiny OUT_DIR [--seed 0] [--vision-depth 4 --vision-hidden 256]   # other sizes for experiments
+    python -m suzak.tiny OUT_DIR --family qwen3vl                                      # the tiny Qwen3-VL
 
 Architecture is the real Qwen2.5-VL's (same classes, window attention, M-RoPE, patch 14,
 merge 2, temporal patch 2), only narrower and shallower:
@@ -26,6 +27,12 @@ merge 2, temporal patch 2), only narrower and shallower:
 That is 2,319,232 parameters (seed 0: 9 MB of safetensors). Note that vLLM on CPU downcasts a
 float32 checkpoint to bfloat16 unless given dtype="float32"; with float32 its logprobs match
 transformers' to ~1e-6 (tests/integration/test_tiny_vllm.py).
+
+`family="qwen3vl"` builds the real Qwen3-VL architecture the same way (Qwen3VLForConditionalGeneration,
+Qwen3VLProcessor, same tokenizer): patch 16 (32x32 px per merged token, pixels 4096..131072 = 4..128 tokens),
+learned vision position embeddings, gelu-tanh vision MLPs, DeepStack mergers on the first two vision blocks feeding
+the first two LM layers, explicit head_dim 64, interleaved mrope [12, 10, 10] (the real [24, 20, 20] halved),
+rope_theta 5e6, and Qwen3-VL's chat template (no default system turn): 3,163,008 parameters (seed 0).
 
 Everything is deterministic for a seed: the corpus comes from a seeded `random.Random`, the BPE
 trainer is deterministic for a fixed corpus, and weights come from `torch.manual_seed(seed)`.
