@@ -92,8 +92,9 @@ class Family:
         if self.deepstack:
             deepstack = getattr(out, "deepstack_features", None)
             if deepstack is None:
-                raise SuzakError(f"{type(backbone).__name__}.get_image_features returned no deepstack_features: this "
-                                 f"transformers does not carry {self.label}'s DeepStack features; use transformers >= 5")
+                raise SuzakError(f"{type(backbone).__name__}.get_image_features returned no deepstack_features: "
+                                 f"this transformers does not carry {self.label}'s DeepStack features; use "
+                                 "transformers >= 5")
             feats = ImageFeatures(embeds=feats.embeds, deepstack=tuple(tuple(level) for level in deepstack))
         return feats
 

@@ -1,5 +1,6 @@
-"""The policy's forward for GRPO: completion log-probs of Qwen2.5-VL / Qwen3-VL rows (suzak/families.py), one row per rollout or the shared-prompt
-layout (a group's prompt and image once, its G completions after it), without full-vocabulary logits.
+"""The policy's forward for GRPO: completion log-probs of Qwen2.5-VL / Qwen3-VL rows (suzak/families.py), one row
+per rollout or the shared-prompt layout (a group's prompt and image once, its G completions after it), without
+full-vocabulary logits.
 
     from trainer.forward import completion_logps
     logps = completion_logps(model, micro_batch, temperature, device)    # [B, T-1], zero off the completions
@@ -26,22 +27,22 @@ def split_backbone(model):
     if hasattr(inner, "get_base_model"):  # peft forwards attribute lookups, so unwrap explicitly
         inner = inner.get_base_model()
     if not hasattr(inner, "lm_head") or not hasattr(inner, "model"):
-        raise SuzakError(f"unsupported model class {type(model).__name__}: expected a Qwen2.5-VL or Qwen3-VL with .model and .lm_head")
+        raise SuzakError(f"unsupported model class {type(model).__name__}: expected a Qwen2.5-VL or Qwen3-VL with "
+                         ".model and .lm_head")
     return inner.model, inner.lm_head
 
 
 def image_features(backbone, mb: MicroBatch, device, row_images: list[int] | None = None):
-    """The micro-batch's image features for its rows (family.encode_images, then indexed per row), and the family.
+    """The micro-batch's image features for its rows: family.encode_images, then indexed per row.
 
     The G rollouts of a group share their image: encoding it once per group instead of once per rollout cuts
     the vision tower's work G-fold, and indexing the shared features keeps their gradient exact (it sums over
     the rows, as G separate encodings would). Qwen3-VL's DeepStack maps travel with the main features, so every
     row gets them at its image positions too.
     """
-    family = family_of(backbone.config)
-    grids = mb.image_grid_thw.to(device)
-    feats = family.encode_images(backbone, mb.pixel_values.to(device), grids)
-    return family, feats.select(mb.row_images if row_images is None else row_images)
+    feats = family_of(backbone.config).encode_images(backbone, mb.pixel_values.to(device),
+                                                     mb.image_grid_thw.to(device))
+    return feats.select(mb.row_images if row_images is None else row_images)
 
 
 def _encoder_inputs(backbone, input_ids: torch.Tensor, feats) -> dict:
@@ -74,7 +75,7 @@ def _shared_hidden(backbone, mb: MicroBatch, device) -> torch.Tensor:
     """Hidden states of the shared layout, flattened to [groups * W, H]."""
     shared = mb.shared
     input_ids = shared.input_ids.to(device)
-    _, feats = image_features(backbone, mb, device, row_images=list(range(mb.image_grid_thw.shape[0])))
+    feats = image_features(backbone, mb, device, row_images=list(range(mb.image_grid_thw.shape[0])))
     positions = shared_prompt_positions(backbone, shared, mb.image_grid_thw.to(device), device)
     out = backbone(input_ids=input_ids, position_ids=positions, **_encoder_inputs(backbone, input_ids, feats),
                    attention_mask=shared.attention_bias(backbone.get_input_embeddings().weight.dtype, device))
@@ -117,7 +118,7 @@ def _unshared_hidden(backbone, mb: MicroBatch, device) -> torch.Tensor:
         out = backbone(input_ids=input_ids, attention_mask=mb.attention_mask.to(device),
                        pixel_values=mb.pixel_values.to(device), image_grid_thw=mb.image_grid_thw.to(device), **extra)
     else:
-        _, feats = image_features(backbone, mb, device)
+        feats = image_features(backbone, mb, device)
         out = backbone(input_ids=input_ids, **_encoder_inputs(backbone, input_ids, feats),
                        attention_mask=mb.attention_mask.to(device), image_grid_thw=mb.row_grid_thw.to(device), **extra)
     return out.last_hidden_state[:, :-1]

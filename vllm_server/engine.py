@@ -163,7 +163,7 @@ def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 def canonical_name(name: str) -> str:
-    """One spelling for transformers 4 and 5 Qwen2-VL / Qwen3-VL checkpoint names (model.language_model.* / model.visual.*)."""
+    """One spelling for transformers 4 and 5 Qwen-VL checkpoint names (model.language_model.* / model.visual.*)."""
     return name.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
 
 

@@ -4,8 +4,8 @@
     .venv/bin/python -m pytest tests/unit/test_bench_smoke.py -q -m "slow"        # + the CPU run through vLLM (~2 min)
 
 The fast tests check what the GPU numbers rest on: the 3B/7B and Qwen3-VL 2B/4B/8B configs count exactly the
-parameters of the public architectures, the tokenizer has Qwen's special ids, a weight-less folder builds at random through suzak's own
-loader, and the prompts have the reference step's shape (512 visual tokens, the asked-for text tokens).
+parameters of the public architectures, the tokenizer has Qwen's special ids, a weight-less folder builds at random
+through suzak's own loader, and the prompts have the reference step's shape (512 visual tokens, the asked-for text tokens).
 """
 
 from __future__ import annotations
