@@ -4,8 +4,8 @@
     fam = family_of(config)                        # from a transformers config or a config.json dict
     fam.factor                                     # 28 (patch 14 x merge 2) or 32 (patch 16 x merge 2) pixels
     feats = fam.encode_images(backbone, pixel_values, grids)   # each distinct image through the vision tower once
-    out = backbone(input_ids=ids, mm_encoder_outputs={"image": feats.select(rows).encoder_output()}, ...)
-    pos = fam.rope_index(backbone, prompt_ids, grids, attention_mask, mm_token_type_ids)   # [3, B, T]
+    pos = fam.rope_index(backbone, ids, grids, attention_mask, mm_token_type_ids)          # [3, B, T]
+    hidden = fam.language_forward(backbone, ids, feats.select(rows), attention_mask=mask, position_ids=pos)
 
 The rest of suzak asks the family and never names a model class: model loading (suzak/models.py), the processor's
 pixel bounds and the images' resize factor (suzak/images.py), the tiny model (suzak/tiny.py), the learner's forward
@@ -28,8 +28,7 @@ What differs, per family:
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 from suzak.errors import SuzakError
@@ -55,8 +54,6 @@ class Family:
     default_max_pixels: int
     vision_modules: tuple[str, ...] = ("patch_embed", "blocks")
     merger_modules: tuple[str, ...] = ("merger",)
-    encoder_fields: tuple[str, ...] = field(default=("pooler_output",))
-    """Per-image sequences in the vision output: the image embeddings, and for Qwen3-VL the DeepStack maps."""
 
     @property
     def factor(self) -> int:
@@ -108,6 +105,30 @@ class Family:
             kwargs["mm_token_type_ids"] = mm_token_type_ids
         return backbone.get_rope_index(input_ids, **kwargs)[0]
 
+    def language_forward(self, backbone, input_ids, feats: ImageFeatures, *, attention_mask, position_ids):
+        """The language model on `input_ids` with `feats` (one image per placeholder run, in order) in place.
+
+        What the transformers model's forward does after its vision tower, from features computed once per image:
+        scatter the embeddings into the placeholders and, for Qwen3-VL, hand the DeepStack maps and the image
+        positions to the language model, which adds them after its first layers. Only long-standing arguments of
+        the language model are used (no precomputed-encoder hooks, which older transformers lack).
+        """
+        import torch
+
+        embeds = backbone.get_input_embeddings()(input_ids)
+        image = input_ids == backbone.config.image_token_id
+        n_feats = sum(int(e.shape[0]) for e in feats.embeds)
+        if int(image.sum()) != n_feats:
+            raise SuzakError(f"{int(image.sum())} image tokens in the micro-batch but {n_feats} image features: "
+                             "the prompt ids and the image grids disagree")
+        embeds = embeds.masked_scatter(image.unsqueeze(-1), torch.cat(feats.embeds).to(embeds.dtype))
+        extra: dict[str, Any] = {}
+        if self.deepstack:
+            extra = {"visual_pos_masks": image,
+                     "deepstack_visual_embeds": [torch.cat(level).to(embeds.dtype) for level in feats.deepstack]}
+        return backbone.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                       position_ids=position_ids, **extra)
+
     def token_types(self, backbone, input_ids):
         """mm_token_type_ids from the ids (1 on image placeholders), for rows built without the processor's."""
         return (input_ids == backbone.config.image_token_id).int()
@@ -129,21 +150,11 @@ class ImageFeatures:
     def __len__(self) -> int:
         return len(self.embeds)
 
-    def tokens(self, rows: list[int]) -> int:
-        return sum(int(self.embeds[i].shape[0]) for i in rows)
-
     def select(self, rows: list[int]) -> ImageFeatures:
         """The features of images `rows`, in that order (repeats allowed: the gradient sums over them)."""
         return ImageFeatures(embeds=tuple(self.embeds[i] for i in rows),
                              deepstack=None if self.deepstack is None
                              else tuple(tuple(level[i] for i in rows) for level in self.deepstack))
-
-    def encoder_output(self):
-        """What the transformers model's forward takes as mm_encoder_outputs["image"]."""
-        out = SimpleNamespace(pooler_output=self.embeds)
-        if self.deepstack is not None:
-            out.deepstack_features = list(self.deepstack)
-        return out
 
 
 QWEN25VL = Family(
@@ -158,7 +169,6 @@ QWEN3VL = Family(
     hub_ids=("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-8B-Instruct"),
     tiny_name="tiny-qwen3vl", default_min_pixels=4 * 32 * 32, default_max_pixels=512 * 32 * 32,
     vision_modules=("patch_embed", "pos_embed", "blocks"), merger_modules=("merger", "deepstack_merger_list"),
-    encoder_fields=("pooler_output", "deepstack_features"),
 )
 FAMILIES = {f.name: f for f in (QWEN25VL, QWEN3VL)}
 FAMILY_CHOICES = ("auto", *FAMILIES)

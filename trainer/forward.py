@@ -45,16 +45,6 @@ def image_features(backbone, mb: MicroBatch, device, row_images: list[int] | Non
     return feats.select(mb.row_images if row_images is None else row_images)
 
 
-def _encoder_inputs(backbone, input_ids: torch.Tensor, feats) -> dict:
-    """mm_encoder_outputs for the model's forward, after checking the ids hold one placeholder per feature."""
-    n_tokens = int((input_ids == backbone.config.image_token_id).sum())
-    n_feats = feats.tokens(list(range(len(feats))))
-    if n_tokens != n_feats:
-        raise SuzakError(f"{n_tokens} image tokens in the micro-batch but {n_feats} image features: "
-                         "the prompt ids and the image grids disagree")
-    return {"mm_encoder_outputs": {"image": feats.encoder_output()}}
-
-
 def shared_prompt_positions(backbone, shared: SharedPrompts, grids: torch.Tensor, device) -> torch.Tensor:
     """[3, groups, W] mrope positions of the shared layout: the prompts' own, then each completion continuing from
     its prompt's last position, exactly as in the completion's own row."""
@@ -77,8 +67,9 @@ def _shared_hidden(backbone, mb: MicroBatch, device) -> torch.Tensor:
     input_ids = shared.input_ids.to(device)
     feats = image_features(backbone, mb, device, row_images=list(range(mb.image_grid_thw.shape[0])))
     positions = shared_prompt_positions(backbone, shared, mb.image_grid_thw.to(device), device)
-    out = backbone(input_ids=input_ids, position_ids=positions, **_encoder_inputs(backbone, input_ids, feats),
-                   attention_mask=shared.attention_bias(backbone.get_input_embeddings().weight.dtype, device))
+    out = family_of(backbone.config).language_forward(
+        backbone, input_ids, feats, position_ids=positions,
+        attention_mask=shared.attention_bias(backbone.get_input_embeddings().weight.dtype, device))
     return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
 
 
@@ -118,9 +109,12 @@ def _unshared_hidden(backbone, mb: MicroBatch, device) -> torch.Tensor:
         out = backbone(input_ids=input_ids, attention_mask=mb.attention_mask.to(device),
                        pixel_values=mb.pixel_values.to(device), image_grid_thw=mb.image_grid_thw.to(device), **extra)
     else:
-        feats = image_features(backbone, mb, device)
-        out = backbone(input_ids=input_ids, **_encoder_inputs(backbone, input_ids, feats),
-                       attention_mask=mb.attention_mask.to(device), image_grid_thw=mb.row_grid_thw.to(device), **extra)
+        # Images shared between rows: each encoded once, indexed per row; positions as the model builds them.
+        family, mask = family_of(backbone.config), mb.attention_mask.to(device)
+        positions = family.rope_index(backbone, input_ids, mb.row_grid_thw.to(device), mask,
+                                      extra.get("mm_token_type_ids"))
+        out = family.language_forward(backbone, input_ids, image_features(backbone, mb, device), attention_mask=mask,
+                                      position_ids=positions)
     return out.last_hidden_state[:, :-1]
 
 

@@ -78,8 +78,8 @@ def test_tiny_qwen3vl_folder_and_processor(tiny3):
 
 
 def test_deepstack_features_travel_with_the_shared_encoding(tiny3):
-    """encode_images + select gives the model's own image path: same hidden states as pixel_values in, and the
-    DeepStack maps matter (zeroing them changes the output)."""
+    """encode_images + rope_index + language_forward is the model's own image path: same hidden states as
+    pixel_values in, and the DeepStack maps matter (zeroing them changes the output)."""
     model = load_model(tiny3, dtype="float32")
     processor = load_processor(tiny3, min_pixels=4096, max_pixels=65536)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many items?"}]}]
@@ -91,14 +91,17 @@ def test_deepstack_features_travel_with_the_shared_encoding(tiny3):
         own = backbone(**enc).last_hidden_state
         feats = QWEN3VL.encode_images(backbone, enc["pixel_values"], enc["image_grid_thw"])
         assert len(feats) == 2 and len(feats.deepstack) == 2  # two images, two DeepStack levels
-        shared = backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                          image_grid_thw=enc["image_grid_thw"], mm_token_type_ids=enc["mm_token_type_ids"],
-                          mm_encoder_outputs={"image": feats.select([0, 1]).encoder_output()}).last_hidden_state
+        positions = QWEN3VL.rope_index(backbone, enc["input_ids"], enc["image_grid_thw"], enc["attention_mask"],
+                                       enc["mm_token_type_ids"])
+        shared = QWEN3VL.language_forward(backbone, enc["input_ids"], feats.select([0, 1]),
+                                          attention_mask=enc["attention_mask"], position_ids=positions).last_hidden_state
         no_deepstack = type(feats)(embeds=feats.embeds, deepstack=tuple(tuple(torch.zeros_like(t) for t in level)
                                                                          for level in feats.deepstack))
-        plain = backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                         image_grid_thw=enc["image_grid_thw"], mm_token_type_ids=enc["mm_token_type_ids"],
-                         mm_encoder_outputs={"image": no_deepstack.encoder_output()})
+        plain = QWEN3VL.language_forward(backbone, enc["input_ids"], no_deepstack, attention_mask=enc["attention_mask"],
+                                         position_ids=positions)
+        with pytest.raises(SuzakError, match="image tokens in the micro-batch"):
+            QWEN3VL.language_forward(backbone, enc["input_ids"], feats.select([0]), attention_mask=None,
+                                     position_ids=positions)
     torch.testing.assert_close(shared, own, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain.last_hidden_state, own, atol=1e-3)
 
