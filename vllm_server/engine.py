@@ -381,10 +381,11 @@ class VLLMEngine(Engine):
 
     def _build(self) -> None:
         from suzak.families import processor_factor
-        from suzak.models import load_processor, resolve_model_path
+        from suzak.models import check_family, load_config, load_processor, resolve_model_path
 
         cfg, srv = self.cfg, self.cfg.server
         self.model_path = resolve_model_path(cfg.model.name_or_path)
+        check_family(load_config(self.model_path), cfg.model.family)  # vLLM then follows the checkpoint's config
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
