@@ -84,15 +84,26 @@ class Family:
 
     def encode_images(self, backbone, pixel_values, grids) -> ImageFeatures:
         """Every image of `grids` through the vision tower once, split image by image."""
+        import torch
+
         out = backbone.get_image_features(pixel_values.to(grids.device), image_grid_thw=grids)
-        feats = ImageFeatures(embeds=tuple(out.pooler_output))
+        if hasattr(out, "pooler_output"):  # newer transformers: an output object, already split per image
+            embeds, deepstack = out.pooler_output, getattr(out, "deepstack_features", None)
+        elif self.deepstack:  # older: (per-image embeddings, DeepStack maps of all images together)
+            embeds, deepstack = out[0], out[1]
+        else:
+            embeds, deepstack = out, None
+        if isinstance(embeds, torch.Tensor):
+            embeds = torch.split(embeds, (grids.prod(-1) // self.merge_size ** 2).tolist())
+        feats = ImageFeatures(embeds=tuple(embeds))
         if self.deepstack:
-            deepstack = getattr(out, "deepstack_features", None)
             if deepstack is None:
-                raise SuzakError(f"{type(backbone).__name__}.get_image_features returned no deepstack_features: "
-                                 f"this transformers does not carry {self.label}'s DeepStack features; use "
-                                 "transformers >= 5")
-            feats = ImageFeatures(embeds=feats.embeds, deepstack=tuple(tuple(level) for level in deepstack))
+                raise SuzakError(f"{type(backbone).__name__}.get_image_features returned no DeepStack features: "
+                                 f"this transformers cannot train {self.label}; use the locked transformers")
+            sizes = [int(e.shape[0]) for e in feats.embeds]
+            feats = ImageFeatures(embeds=feats.embeds, deepstack=tuple(
+                tuple(torch.split(level, sizes)) if isinstance(level, torch.Tensor) else tuple(level)
+                for level in deepstack))
         return feats
 
     def rope_index(self, backbone, input_ids, grids, attention_mask, mm_token_type_ids=None):
