@@ -2,11 +2,13 @@
 
     python -m bench.grpo_step --arch 7b --steps 2                 # H100: 7B shapes, LoRA, server + learner on one GPU
     python -m bench.grpo_step --arch 3b --steps 2                 # 3B: full fine-tuning if the estimate fits
+    python -m bench.grpo_step --arch qwen3vl-8b --steps 2 --train lora   # Qwen3-VL-8B shapes (32 px visual tokens)
     python -m bench.grpo_step --arch 7b --set server.gpu_memory_utilization=0.45 grpo.micro_batch_tokens=8192
     python -m bench.grpo_step --arch tiny --prompts 2 --G 2 --completion 8 --steps 1     # CPU smoke run
 
 The reference step (bench/README.md): 64 prompts x G=8 rollouts, one image per prompt at
-512 visual tokens (896x448 px = 401408 = model.max_pixels), about 300 other prompt tokens, 256 completion
+512 visual tokens (896x448 px = 401408 = model.max_pixels; Qwen3-VL: 1024x512 px = 524288), about 300 other prompt
+tokens, 256 completion
 tokens (fixed: ignore_eos), random rewards. What runs is what `suzak train` runs: `suzak serve` in a subprocess
 (vLLM, dummy weights for a weight-less folder), then GRPOLearner.push_weights() and GRPOLearner.step() for
 --warmup + --steps steps. The bench sets or changes three things:
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 
 from bench.common import GiB, checkout_pythonpath, nvidia_smi, run_and_emit, versions
-from bench.make_arch import ARCH_CHOICES, has_weights, install_random_init_loader, make_arch
+from bench.make_arch import ARCH_CHOICES, arch_factor, has_weights, install_random_init_loader, make_arch
 from suzak.errors import SuzakError
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, datasheet (PERF-FLOOR.md)
@@ -69,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="then N more timed steps with grpo.share_prompt off, on the same server and learner")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK, help="for MFU (default H100 dense bf16)")
     args = p.parse_args(argv)
-    tiny = args.arch == "tiny"
+    tiny = args.arch.startswith("tiny")
+    args.factor = arch_factor(args.arch)
     args.visual_tokens = args.visual_tokens or (64 if tiny else 512)
     args.text_tokens = args.text_tokens or (100 if tiny else 300)
     if min(args.steps, args.prompts, args.completion, args.visual_tokens) < 1 or args.warmup < 0 or args.G < 2:
@@ -96,10 +99,11 @@ def train_overrides(mode: str) -> list[str]:
 def base_overrides(args, model_dir: Path, run_dir: Path, on_cuda: bool) -> list[str]:
     """The reference step's shape and the one-GPU server, before the training setting and --set."""
     rollouts = args.prompts * args.G
+    area = args.factor ** 2  # one merged visual token: 28x28 px (Qwen2.5-VL) or 32x32 (Qwen3-VL)
     max_len = args.visual_tokens + args.text_tokens + args.completion + 256  # slack for the chat template
     over = [
         f"out_dir={run_dir}", f"model.name_or_path={model_dir}", "data.task=clevr_count", "sft.enabled=false",
-        f"model.max_pixels={args.visual_tokens * 784}", f"model.min_pixels={min(3136, args.visual_tokens * 784)}",
+        f"model.max_pixels={args.visual_tokens * area}", f"model.min_pixels={min(4, args.visual_tokens) * area}",
         f"grpo.steps={args.warmup + args.steps}", f"grpo.prompts_per_step={args.prompts}",
         f"grpo.num_generations={args.G}", f"grpo.max_completion_tokens={args.completion}", f"grpo.beta={args.beta}",
         "grpo.ignore_eos=true",
@@ -137,10 +141,11 @@ def choose_training(args, base: list[str], device_total: float | None) -> tuple[
 # ----------------------------------------------------------------------------------------------- data
 
 
-def image_size(visual_tokens: int) -> tuple[int, int]:
-    """(width, height), multiples of 28, of an image that is exactly `visual_tokens` merged tokens (512: 896x448)."""
+def image_size(visual_tokens: int, factor: int = 28) -> tuple[int, int]:
+    """(width, height), multiples of `factor`, of an image that is exactly `visual_tokens` merged tokens
+    (512 at 28 px: 896x448; at 32 px: 1024x512)."""
     rows = max(d for d in range(1, int(visual_tokens**0.5) + 1) if visual_tokens % d == 0)
-    return 28 * (visual_tokens // rows), 28 * rows
+    return factor * (visual_tokens // rows), factor * rows
 
 
 def scene_image(rng: random.Random, width: int, height: int):
@@ -187,7 +192,7 @@ def _example(ident: str, question: str, image):
 
 
 def make_examples(args, processor, task) -> tuple[list, dict]:
-    width, height = image_size(args.visual_tokens)
+    width, height = image_size(args.visual_tokens, args.factor)
     rng = random.Random(0)
     examples = []
     for i in range(args.prompts):

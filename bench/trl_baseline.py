@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-flops", type=float, default=grpo_step.H100_BF16_PEAK)
     p.add_argument("--attempt", help=argparse.SUPPRESS)  # JSON: run one attempt in this process (child)
     args = p.parse_args(argv)
-    tiny = args.arch == "tiny"
+    tiny = args.arch.startswith("tiny")
     args.visual_tokens = args.visual_tokens or (64 if tiny else 512)
     args.text_tokens = args.text_tokens or (100 if tiny else 300)
     args.config, args.overrides = None, []  # what grpo_step.choose_training reads

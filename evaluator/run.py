@@ -92,11 +92,11 @@ def evaluate(client, task: Task, examples: list[Example], *, scoring: str = "r1v
     if batch_size < 1:
         raise SuzakError(f"batch_size must be >= 1, got {batch_size}")
     max_new_tokens = max_new_tokens or task.default_max_new_tokens
-    if min_pixels is None or max_pixels is None or model is None:
-        info = client.info()
-        min_pixels = min_pixels if min_pixels is not None else info.min_pixels
-        max_pixels = max_pixels if max_pixels is not None else info.max_pixels
-        model = model or info.model
+    info = client.info()  # the served model's visual-token size (28 or 32 px), and the defaults below
+    factor = getattr(info, "patch_factor", 28)
+    min_pixels = min_pixels if min_pixels is not None else info.min_pixels
+    max_pixels = max_pixels if max_pixels is not None else info.max_pixels
+    model = model or info.model
     sampling = greedy_sampling(max_new_tokens)
     report = _progress_callback(progress, len(examples))
     start = time.perf_counter()
@@ -104,7 +104,7 @@ def evaluate(client, task: Task, examples: list[Example], *, scoring: str = "r1v
     for lo in range(0, len(examples), batch_size):
         batch = examples[lo:lo + batch_size]
         prompts = [example_prompt(task, ex, prompt=prompt, system=system, min_pixels=min_pixels,
-                                  max_pixels=max_pixels) for ex in batch]
+                                  max_pixels=max_pixels, factor=factor) for ex in batch]
         response = client.generate(wire.GenerateRequest(prompts=prompts, sampling=sampling))
         if len(response.results) != len(batch):
             raise RuntimeError(f"server answered {len(response.results)} results for {len(batch)} prompts")

@@ -6,6 +6,7 @@
     suzak eval superclevr --model Qwen/Qwen2.5-VL-3B-Instruct --data data/superclevr
     suzak data synth clevr --n 100 --split B --out data/clevr_b
     suzak model tiny --out models/tiny
+    suzak model tiny --family qwen3vl --out models/tiny-qwen3vl
     suzak doctor
 
 Only argparse, pydantic and yaml are imported at start; each subcommand imports its heavy modules itself,
@@ -134,8 +135,10 @@ def cmd_model(args: argparse.Namespace) -> int:
     if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
         raise SuzakError(f"--out {target} is a folder holding other files; give an empty or new folder (or an "
                          "earlier tiny model's folder, which is rebuilt)")
-    out = build_tiny_model(target, seed=args.seed)
-    print(f"tiny Qwen2.5-VL written to {out}")
+    from suzak.families import get_family
+
+    out = build_tiny_model(target, family=args.family, seed=args.seed)
+    print(f"tiny {get_family(args.family).label} written to {out}")
     return 0
 
 
@@ -207,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model", help="models")
     msub = p.add_subparsers(dest="model_command", required=True)
-    t = msub.add_parser("tiny", help="build the tiny random-init Qwen2.5-VL")
+    t = msub.add_parser("tiny", help="build a tiny random-init Qwen2.5-VL (or --family qwen3vl: Qwen3-VL)")
     t.add_argument("--out", required=True)
+    t.add_argument("--family", choices=("qwen25vl", "qwen3vl"), default="qwen25vl")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_model)
 

@@ -40,8 +40,12 @@ class LoraConfig(Section):
 
 class ModelConfig(Section):
     name_or_path: str = "tiny"
-    """'tiny' (the embedded random-init Qwen2.5-VL, built on first use), a local HF folder, or a hub id such as
-    Qwen/Qwen2.5-VL-7B-Instruct."""
+    """'tiny' (the embedded random-init model of model.family, built on first use), a local HF folder, or a hub id
+    such as Qwen/Qwen2.5-VL-7B-Instruct or Qwen/Qwen3-VL-8B-Instruct."""
+    family: Literal["auto", "qwen25vl", "qwen3vl"] = "auto"
+    """Model family: qwen25vl (Qwen2.5-VL, Qwen2-VL) or qwen3vl (Qwen3-VL). 'auto' follows the checkpoint's
+    config.json; a family picks the tiny model (tiny + qwen3vl is tiny-qwen3vl) and is checked against a
+    checkpoint's config.json at load."""
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     """Learner weight dtype. 'auto': bfloat16 on CUDA, float32 on CPU."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
@@ -61,10 +65,39 @@ class ModelConfig(Section):
     lora: LoraConfig = LoraConfig()
     """LoRA adapters (peft)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tiny_of_family(cls, data: Any) -> Any:
+        """`tiny` with a family becomes that family's tiny model; a known name fixes an 'auto' family."""
+        from suzak.families import FAMILIES, tiny_family
+
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        name, family = data.get("name_or_path", "tiny"), data.get("family", "auto")
+        known = next((f for f in FAMILIES.values() if name in f.hub_ids), None)
+        if family in FAMILIES and tiny_family(name) is not None:
+            data["name_or_path"] = FAMILIES[family].tiny_name
+        elif family in FAMILIES and known is not None and known.name != family:
+            raise ValueError(f"model.family is {family} but {name} is {known.label}: set model.family to "
+                             f"{known.name} or auto")
+        elif family == "auto":
+            known = tiny_family(name) or known
+            if known is not None:
+                data["family"] = known.name
+        return data
+
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:
+        from suzak.families import FAMILIES
+
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
+        if self.family in FAMILIES:  # multiples of the family's visual-token area (784 or 1024)
+            try:
+                FAMILIES[self.family].check_pixel_bounds(self.min_pixels, self.max_pixels)
+            except SuzakError as e:
+                raise ValueError(str(e)) from None
         return self
 
 

@@ -6,8 +6,9 @@ Shared by the rollout server, its client, the learner and the evaluator, so ever
     img = resize_to_budget(load_image("data/clevr/0001.png"), min_pixels=3136, max_pixels=401408)
     ref = encode_image_data_url(img)    # 'data:image/png;base64,...', a valid wire ContentPart.image
 
-The budget follows Qwen2.5-VL's own rule (qwen-vl-utils' smart_resize, factor 28 = patch 14 x merge 2):
-both sides a multiple of 28, area within [min_pixels, max_pixels], aspect ratio kept. An image already at
+The budget follows the model's own rule (qwen-vl-utils' smart_resize, factor 28 = patch 14 x merge 2 for
+Qwen2.5-VL, 32 = patch 16 x merge 2 for Qwen3-VL: `factor=` below, from suzak.families): both sides a multiple
+of the factor, area within [min_pixels, max_pixels], aspect ratio kept. An image already at
 that size passes through the model's processor unchanged, so what the learner encodes is what vLLM sees.
 Imports PIL only (qwen-vl-utils, which pulls in torch, is imported on first resize); no vLLM here.
 The rollout server loads with an `ImagePolicy`: size read from the header and checked before decoding, a byte
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 PATCH_FACTOR = 28
-"""Qwen2.5-VL: 14-pixel patches merged 2x2, so one visual token covers 28x28 pixels."""
+"""Qwen2.5-VL: 14-pixel patches merged 2x2, so one visual token covers 28x28 pixels (Qwen3-VL: 32, its family's
+factor); the default of every `factor` argument here."""
 HTTP_TIMEOUT_S = 30.0
 
 
@@ -271,28 +273,29 @@ def _smart_resize():
 
 
 @lru_cache(maxsize=4096)
-def budget_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """(height, width) the model sees for an image of this size: qwen-vl-utils' smart_resize, factor 28."""
+def budget_size(height: int, width: int, min_pixels: int, max_pixels: int,
+                factor: int = PATCH_FACTOR) -> tuple[int, int]:
+    """(height, width) the model sees for an image of this size: qwen-vl-utils' smart_resize at `factor`."""
     try:
-        return tuple(_smart_resize()(height, width, factor=PATCH_FACTOR, min_pixels=min_pixels,
+        return tuple(_smart_resize()(height, width, factor=factor, min_pixels=min_pixels,
                                      max_pixels=max_pixels))
     except (ValueError, AssertionError) as e:
         raise SuzakError(f"image of {width}x{height} cannot be resized to [{min_pixels}, {max_pixels}] pixels: {e}") \
             from None
 
 
-def visual_tokens(height: int, width: int, min_pixels: int, max_pixels: int) -> int:
-    """Number of <|image_pad|> tokens the image expands to in the prompt (one per 28x28 block)."""
-    h, w = budget_size(height, width, min_pixels, max_pixels)
-    return (h // PATCH_FACTOR) * (w // PATCH_FACTOR)
+def visual_tokens(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = PATCH_FACTOR) -> int:
+    """Number of <|image_pad|> tokens the image expands to in the prompt (one per factor x factor block)."""
+    h, w = budget_size(height, width, min_pixels, max_pixels, factor)
+    return (h // factor) * (w // factor)
 
 
-def resize_to_budget(img: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+def resize_to_budget(img: Image.Image, min_pixels: int, max_pixels: int, factor: int = PATCH_FACTOR) -> Image.Image:
     """Resize to the model's input size for this budget (bicubic, as qwen-vl-utils); a no-op when already there."""
     from PIL import Image
 
     img = to_rgb(img)
-    height, width = budget_size(img.height, img.width, min_pixels, max_pixels)
+    height, width = budget_size(img.height, img.width, min_pixels, max_pixels, factor)
     if (height, width) == (img.height, img.width):
         return img
     return img.resize((width, height), resample=Image.Resampling.BICUBIC)

@@ -6,13 +6,15 @@
 
 A model name is one of:
 - `tiny`: the embedded random Qwen2.5-VL (suzak/tiny.py), built on first use under
-  `$SUZAK_HOME/tiny-qwen25vl` (default `~/.cache/suzak/tiny-qwen25vl`);
+  `$SUZAK_HOME/tiny-qwen25vl` (default `~/.cache/suzak/tiny-qwen25vl`); `tiny-qwen3vl`: the same for
+  Qwen3-VL, under `$SUZAK_HOME/tiny-qwen3vl`;
 - a local folder holding a Hugging Face checkpoint (config.json, weights, tokenizer, processor);
-- a hub id such as `Qwen/Qwen2.5-VL-3B-Instruct` or `Qwen/Qwen2.5-VL-7B-Instruct`. With
+- a hub id such as `Qwen/Qwen2.5-VL-3B-Instruct` or `Qwen/Qwen3-VL-8B-Instruct`. With
   HF_HUB_OFFLINE=1 it must already be in the Hugging Face cache.
 
 The model class always follows the checkpoint's config (AutoModelForImageTextToText), so a
-Qwen2.5-VL checkpoint is never loaded as Qwen2-VL (a known R1-V eval pitfall).
+Qwen2.5-VL checkpoint is never loaded as Qwen2-VL (a known R1-V eval pitfall); what else differs per
+family (pixels per visual token, image features, positions) is in suzak/families.py.
 Heavy imports (torch, transformers) happen inside the functions, so importing this module is cheap.
 """
 
@@ -25,16 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from suzak.errors import SuzakError
+from suzak.families import FAMILIES, SUPPORTED_MODEL_TYPES, family_of, tiny_family
 
 log = logging.getLogger(__name__)
 
 TINY_NAME = "tiny"
 TINY_DIRNAME = "tiny-qwen25vl"
-KNOWN_HUB_MODELS = ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
+KNOWN_HUB_MODELS = tuple(h for f in FAMILIES.values() for h in f.hub_ids)
 
 # model_type in config.json -> family name. Qwen2-VL shares the processor, chat template and
 # special-token ids with Qwen2.5-VL, so the rest of suzak treats both alike.
-SUPPORTED_FAMILIES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL"}
+SUPPORTED_FAMILIES = SUPPORTED_MODEL_TYPES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
@@ -53,8 +56,9 @@ def suzak_home() -> Path:
     return Path(home).expanduser() if home else Path.home() / ".cache" / "suzak"
 
 
-def tiny_model_path() -> Path:
-    return suzak_home() / TINY_DIRNAME
+def tiny_model_path(family: str = "qwen25vl") -> Path:
+    """Where the tiny model of `family` is built: tiny-qwen25vl, tiny-qwen3vl under suzak_home()."""
+    return suzak_home() / f"tiny-{family}"
 
 
 def hub_offline() -> bool:
@@ -82,9 +86,12 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if not name:
         raise SuzakError("model name is empty: use `tiny`, a local folder, or a hub id such as "
                          f"{KNOWN_HUB_MODELS[0]}")
-    if name == TINY_NAME:
+    tiny = tiny_family(name)
+    if tiny is not None:
         from suzak.tiny import ensure_tiny_model
-        return str(ensure_tiny_model(tiny_model_path()))
+        if tiny.name == "qwen25vl":
+            return str(ensure_tiny_model(tiny_model_path()))
+        return str(ensure_tiny_model(tiny_model_path(tiny.name), family=tiny.name))
 
     path = Path(name).expanduser()
     if path.exists():
@@ -135,16 +142,27 @@ def _cached_snapshot(repo_id: str) -> str | None:
 
 
 def model_family(config: Any) -> str:
-    """The checkpoint's model_type if suzak supports it ("qwen2_5_vl" or "qwen2_vl"), else SuzakError.
+    """The checkpoint's model_type if suzak supports it ("qwen2_5_vl", "qwen2_vl", "qwen3_vl"), else SuzakError.
 
-    Accepts a transformers config object or the dict of a config.json.
+    Accepts a transformers config object or the dict of a config.json; suzak.families.family_of gives the family.
     """
-    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_FAMILIES:
-        supported = ", ".join(f"{v} ({k})" for k, v in SUPPORTED_FAMILIES.items())
-        raise SuzakError(f"model_type {model_type!r} in config.json is not supported: suzak trains "
-                         f"{supported} checkpoints such as {KNOWN_HUB_MODELS[0]}")
-    return model_type
+    family_of(config)
+    return config.get("model_type") if isinstance(config, dict) else config.model_type
+
+
+def resolve_model_name(name: str, family: str = "auto") -> str:
+    """The model name a config's (name_or_path, family) means: `tiny` with family qwen3vl is `tiny-qwen3vl`."""
+    if family != "auto" and tiny_family(name) is not None:
+        return FAMILIES[family].tiny_name
+    return name
+
+
+def check_family(config: Any, family: str = "auto") -> None:
+    """SuzakError when model.family names another family than the checkpoint's config.json."""
+    got = family_of(config)
+    if family not in ("auto", got.name):
+        raise SuzakError(f"model.family is {family} but the checkpoint is {got.label} (model_type "
+                         f"{getattr(config, 'model_type', None)}): set model.family to {got.name} or auto")
 
 
 def vision_token_ids(config: Any) -> list[int]:
@@ -232,7 +250,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", attn_imp
     dtype_name = pick_dtype(dtype, device)
     attn = pick_attn_implementation(attn_implementation, dtype=dtype_name)
     log.info("Loading model %s (%s, dtype=%s, attn=%s, device=%s)", name_or_path,
-             SUPPORTED_FAMILIES[config.model_type], dtype_name, attn, device or "cpu")
+             SUPPORTED_MODEL_TYPES[config.model_type], dtype_name, attn, device or "cpu")
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype_name), "attn_implementation": attn}
     if device is not None:
         kwargs["device_map"] = str(device)
@@ -243,8 +261,9 @@ def load_processor(name_or_path: str | os.PathLike, *, min_pixels: int | None = 
                    max_pixels: int | None = None):
     """The checkpoint's processor (tokenizer + image processor + chat template), with optional pixel bounds.
 
-    min_pixels/max_pixels bound each image's area; one visual token covers 28x28 pixels, so
-    max_pixels 401408 (R1-V's setting) means at most 512 visual tokens per image.
+    min_pixels/max_pixels bound each image's area; one visual token covers 28x28 pixels (Qwen2.5-VL) or 32x32
+    (Qwen3-VL), so max_pixels 401408 (R1-V's setting) means at most 512 visual tokens per Qwen2.5-VL image.
+    Both must be multiples of that area (suzak.families.Family.check_pixel_bounds).
     """
     from transformers import AutoProcessor
 
@@ -261,8 +280,10 @@ def _pixel_bounds(path: str, min_pixels: int | None, max_pixels: int | None) -> 
         size = AutoImageProcessor.from_pretrained(path).size
         min_pixels = size["shortest_edge"] if min_pixels is None else min_pixels
         max_pixels = size["longest_edge"] if max_pixels is None else max_pixels
-    # 28x28 is one merged visual token: fewer pixels than that cannot make an image.
-    if min_pixels < 28 * 28 or max_pixels < min_pixels:
-        raise SuzakError(f"image pixel bounds min_pixels={min_pixels}, max_pixels={max_pixels}: need "
-                         f"784 (28*28) <= min_pixels <= max_pixels, e.g. min_pixels 3136, max_pixels 401408")
+    family_of(load_config(path)).check_pixel_bounds(int(min_pixels), int(max_pixels))
     return {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+
+
+def patch_factor(name_or_path: str | os.PathLike) -> int:
+    """Pixels per side of one merged visual token of this checkpoint: 28 (Qwen2.5-VL) or 32 (Qwen3-VL)."""
+    return family_of(load_config(name_or_path)).factor

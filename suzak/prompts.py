@@ -23,12 +23,13 @@ if TYPE_CHECKING:
 
 
 def example_messages(task: Task, example: Example, *, prompt: Literal["train", "eval"], system: bool,
-                     min_pixels: int, max_pixels: int) -> tuple[list[dict], Image.Image]:
-    """(wire-format messages, the resized image): the image resized to the pixel budget (a server rejects larger
-    ones) and inlined as a PNG data URL, so the server sees exactly the pixels the learner tokenizes."""
+                     min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[list[dict], Image.Image]:
+    """(wire-format messages, the resized image): the image resized to the pixel budget at the model's `factor`
+    (suzak.families; a server rejects larger ones) and inlined as a PNG data URL, so the server sees exactly the
+    pixels the learner tokenizes."""
     from suzak.images import encode_image_data_url, resize_to_budget
 
-    image = resize_to_budget(example.load_image(), min_pixels, max_pixels)
+    image = resize_to_budget(example.load_image(), min_pixels, max_pixels, factor)
     return task.messages(example, prompt=prompt, system=system, image_ref=encode_image_data_url(image)), image
 
 
@@ -57,9 +58,10 @@ def _get(obj: Any, key: str) -> Any:
 
 
 def fit_images(req: wire.GenerateRequest, min_pixels: int, max_pixels: int, *,
-               inline_paths: bool = False) -> wire.GenerateRequest:
-    """A copy of `req` with every image resized to the budget (sent as a PNG data URL); images already at their
-    budget size keep their reference (local paths too unless inline_paths, for a server on another machine)."""
+               inline_paths: bool = False, factor: int = 28) -> wire.GenerateRequest:
+    """A copy of `req` with every image resized to the budget (sides multiples of `factor`, the served model's;
+    sent as a PNG data URL); images already at their budget size keep their reference (local paths too unless
+    inline_paths, for a server on another machine)."""
     from suzak.images import budget_size, encode_image_data_url, load_image, resize_to_budget
 
     out = req.model_copy(deep=True)
@@ -70,8 +72,8 @@ def fit_images(req: wire.GenerateRequest, min_pixels: int, max_pixels: int, *,
                     continue
                 img = load_image(part.image, field=f"prompts.{i}.messages.{m}.content.{c}.image")
                 is_path = not part.image.startswith(("data:", "http://", "https://"))
-                if budget_size(img.height, img.width, min_pixels, max_pixels) != (img.height, img.width):
-                    part.image = encode_image_data_url(resize_to_budget(img, min_pixels, max_pixels))
+                if budget_size(img.height, img.width, min_pixels, max_pixels, factor) != (img.height, img.width):
+                    part.image = encode_image_data_url(resize_to_budget(img, min_pixels, max_pixels, factor))
                 elif is_path and inline_paths:
                     part.image = encode_image_data_url(img)
     return out

@@ -1,4 +1,4 @@
-"""The tiny embedded Qwen2.5-VL: a random-init model of a few million parameters for CPU tests and demos.
+"""The tiny embedded Qwen2.5-VL and Qwen3-VL: random-init models of a few million parameters for CPU tests and demos.
 
 `build_tiny_model(out)` writes a normal Hugging Face folder (config.json, model.safetensors,
 tokenizer.json, chat template, processor config, generation_config.json) that loads with
@@ -6,6 +6,7 @@ transformers `AutoProcessor` + `AutoModelForImageTextToText` and with vLLM (vllm
 Nothing is downloaded: the tokenizer is a byte-level BPE trained here on the tasks' own text.
 
     python -m suzak.tiny OUT_DIR [--seed 0] [--vision-depth 4 --vision-hidden 256]   # other sizes for experiments
+    python -m suzak.tiny OUT_DIR --family qwen3vl                                      # the tiny Qwen3-VL
 
 Architecture is the real Qwen2.5-VL's (same classes, window attention, M-RoPE, patch 14,
 merge 2, temporal patch 2), only narrower and shallower:
@@ -26,6 +27,12 @@ merge 2, temporal patch 2), only narrower and shallower:
 That is 2,319,232 parameters (seed 0: 9 MB of safetensors). Note that vLLM on CPU downcasts a
 float32 checkpoint to bfloat16 unless given dtype="float32"; with float32 its logprobs match
 transformers' to ~1e-6 (tests/integration/test_tiny_vllm.py).
+
+`family="qwen3vl"` builds the real Qwen3-VL architecture the same way (Qwen3VLForConditionalGeneration,
+Qwen3VLProcessor, same tokenizer): patch 16 (32x32 px per merged token, pixels 4096..131072 = 4..128 tokens),
+learned vision position embeddings, gelu-tanh vision MLPs, DeepStack mergers on the first two vision blocks feeding
+the first two LM layers, explicit head_dim 64, interleaved mrope [12, 10, 10] (the real [24, 20, 20] halved),
+rope_theta 5e6, and Qwen3-VL's chat template (no default system turn): 3,163,008 parameters (seed 0).
 
 Everything is deterministic for a seed: the corpus comes from a seeded `random.Random`, the BPE
 trainer is deterministic for a fixed corpus, and weights come from `torch.manual_seed(seed)`.
@@ -86,10 +93,19 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL's template has no default system turn; otherwise the same placeholders and turns.
+CHAT_TEMPLATE_QWEN3VL = CHAT_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}", "")
+assert CHAT_TEMPLATE_QWEN3VL != CHAT_TEMPLATE
+
 TEXT_HEAD_DIM = 64  # a head size vLLM's CPU attention supports
 VISION_HEAD_DIM = 64
 DEFAULT_MIN_PIXELS = 4 * 28 * 28
 DEFAULT_MAX_PIXELS = 128 * 28 * 28
+# Qwen3-VL: 32x32 px per merged token, same token budget (4..128 tokens).
+QWEN3VL_MIN_PIXELS = 4 * 32 * 32
+QWEN3VL_MAX_PIXELS = 128 * 32 * 32
 
 # ----------------------------------------------------------------------------------------------
 # Training text for the tokenizer: the prompts and answers the tasks really produce.
@@ -267,55 +283,86 @@ def _check_token_ids(tok, vocab: dict[str, int]) -> None:
 # Config, weights, processor
 
 
-def tiny_config(tok, *, hidden: int = 256, layers: int = 2, vision_depth: int = 2,
-                vision_hidden: int = 128, tie_word_embeddings: bool = True):
-    """A Qwen2.5-VL config of the real architecture at tiny width/depth, with this tokenizer's ids."""
-    from transformers import Qwen2_5_VLConfig
-
+def _check_sizes(hidden: int, layers: int, vision_depth: int, vision_hidden: int) -> None:
     for name, value, head in (("hidden", hidden, TEXT_HEAD_DIM), ("vision_hidden", vision_hidden, VISION_HEAD_DIM)):
         if value <= 0 or value % head:
             raise SuzakError(f"tiny model {name}={value}: must be a positive multiple of {head} (the head size)")
     if layers < 1 or vision_depth < 1:
         raise SuzakError(f"tiny model needs layers >= 1 and vision_depth >= 1 (got {layers}, {vision_depth})")
+
+
+def tiny_config(tok, *, family: str = "qwen25vl", hidden: int = 256, layers: int = 2, vision_depth: int = 2,
+                vision_hidden: int = 128, tie_word_embeddings: bool = True):
+    """A config of the family's real architecture at tiny width/depth, with this tokenizer's ids."""
+    _check_sizes(hidden, layers, vision_depth, vision_hidden)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     heads = hidden // TEXT_HEAD_DIM
-    part = TEXT_HEAD_DIM // 16  # mrope t/h/w split in the real model's 2:3:3 ratio, summing to head_dim/2
     text = dict(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_window_layers=layers,
-        hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                         "mrope_section": [part * 2, part * 3, part * 3]},
-        use_sliding_window=False, sliding_window=None,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), hidden_act="silu",
+        max_position_embeddings=32768, rms_norm_eps=1e-6,
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=tie_word_embeddings, dtype="float32",
     )
-    vision = dict(
-        depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-        num_heads=vision_hidden // VISION_HEAD_DIM, out_hidden_size=hidden, hidden_act="silu",
-        in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-        window_size=112, tokens_per_second=2,
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_heads=vision_hidden // VISION_HEAD_DIM, out_hidden_size=hidden, in_channels=3,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    placeholders = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if family == "qwen3vl":
+        from transformers import Qwen3VLConfig
+
+        # Interleaved mrope: the real [24, 20, 20] of head_dim 128, scaled to head_dim 64 (sums to head_dim / 2).
+        text.update(head_dim=TEXT_HEAD_DIM, attention_bias=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                     "mrope_section": [12, 10, 10], "mrope_interleaved": True})
+        # DeepStack from the first vision blocks into the first LM layers (the real model: 3 levels).
+        vision.update(patch_size=16, hidden_act="gelu_pytorch_tanh", num_position_embeddings=576,
+                      deepstack_visual_indexes=list(range(min(2, vision_depth, layers))))
+        cfg = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
+                            **placeholders)
+        cfg.architectures = ["Qwen3VLForConditionalGeneration"]
+    elif family == "qwen25vl":
+        from transformers import Qwen2_5_VLConfig
+
+        part = TEXT_HEAD_DIM // 16  # mrope t/h/w split in the real model's 2:3:3 ratio, summing to head_dim/2
+        text.update(max_window_layers=layers, use_sliding_window=False, sliding_window=None,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                     "mrope_section": [part * 2, part * 3, part * 3]})
         # Last block full attention, the rest windowed, so both attention paths run.
-        fullatt_block_indexes=[vision_depth - 1],
-    )
-    cfg = Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+        vision.update(patch_size=14, hidden_act="silu", window_size=112, tokens_per_second=2,
+                      fullatt_block_indexes=[vision_depth - 1])
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
+                               **placeholders)
+        cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    else:
+        raise SuzakError(f"tiny model family {family!r}: use qwen25vl or qwen3vl")
     cfg.dtype = "float32"
     return cfg
 
 
-def _build_processor(tok, min_pixels: int, max_pixels: int):
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+def _build_processor(tok, min_pixels: int, max_pixels: int, family: str = "qwen25vl"):
+    from transformers import Qwen2VLImageProcessor
 
+    from suzak.families import get_family
+
+    fam = get_family(family)
     if not 0 < min_pixels <= max_pixels:
         raise SuzakError(f"tiny model pixels: need 0 < min_pixels <= max_pixels (got {min_pixels}, {max_pixels})")
-    image = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                  min_pixels=min_pixels, max_pixels=max_pixels)
-    video = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+    patch = dict(patch_size=fam.patch_size, merge_size=fam.merge_size, temporal_patch_size=2)
+    if family == "qwen3vl":
+        from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+        # Qwen3-VL normalises with mean = std = 0.5 (its preprocessor_config.json).
+        image = Qwen2VLImageProcessor(**patch, min_pixels=min_pixels, max_pixels=max_pixels,
+                                      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+        video = Qwen3VLVideoProcessor(**patch)
+        return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                                chat_template=CHAT_TEMPLATE_QWEN3VL)
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+
+    image = Qwen2VLImageProcessor(**patch, min_pixels=min_pixels, max_pixels=max_pixels)
+    video = Qwen2VLVideoProcessor(**patch)
     return Qwen2_5_VLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
                                chat_template=CHAT_TEMPLATE)
 
@@ -328,32 +375,45 @@ def _write_generation_config(out: Path, cfg) -> None:
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
-def build_tiny_model(out: Path, *, seed: int = 0, hidden: int = 256, layers: int = 2, vision_depth: int = 2,
-                     vision_hidden: int = 128, vocab_target: int = 1024, tie_word_embeddings: bool = True,
-                     min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
-    """Write the tiny random Qwen2.5-VL folder to `out` (created; existing files overwritten) and return it."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def _pixels(family: str, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+    qwen3 = family == "qwen3vl"
+    return (min_pixels or (QWEN3VL_MIN_PIXELS if qwen3 else DEFAULT_MIN_PIXELS),
+            max_pixels or (QWEN3VL_MAX_PIXELS if qwen3 else DEFAULT_MAX_PIXELS))
 
+
+def build_tiny_model(out: Path, *, family: str = "qwen25vl", seed: int = 0, hidden: int = 256, layers: int = 2,
+                     vision_depth: int = 2, vision_hidden: int = 128, vocab_target: int = 1024,
+                     tie_word_embeddings: bool = True, min_pixels: int | None = None,
+                     max_pixels: int | None = None) -> Path:
+    """Write the tiny random model of `family` (qwen25vl, qwen3vl) to `out` (created; existing files overwritten).
+
+    min_pixels/max_pixels default to 4..128 visual tokens of the family (3136..100352 or 4096..131072 pixels).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    min_pixels, max_pixels = _pixels(family, min_pixels, max_pixels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(vocab_target, seed)
-    cfg = tiny_config(tok, hidden=hidden, layers=layers, vision_depth=vision_depth,
+    if family == "qwen3vl":
+        tok.chat_template = CHAT_TEMPLATE_QWEN3VL  # saved last (tokenizer), so it must be the family's too
+    cfg = tiny_config(tok, family=family, hidden=hidden, layers=layers, vision_depth=vision_depth,
                       vision_hidden=vision_hidden, tie_word_embeddings=tie_word_embeddings)
-    processor = _build_processor(tok, min_pixels, max_pixels)
+    processor = _build_processor(tok, min_pixels, max_pixels, family)
 
     # Seed from a private generator state so callers' global RNG streams stay untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.float32).eval()
+        model = AutoModelForImageTextToText.from_config(cfg).to(torch.float32).eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
     tok.save_pretrained(out)
     _write_generation_config(out, cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    build = dict(seed=seed, hidden=hidden, layers=layers, vision_depth=vision_depth, vision_hidden=vision_hidden,
-                 vocab_target=vocab_target, tie_word_embeddings=tie_word_embeddings, min_pixels=min_pixels,
-                 max_pixels=max_pixels)
+    build = dict(family=family, seed=seed, hidden=hidden, layers=layers, vision_depth=vision_depth,
+                 vision_hidden=vision_hidden, vocab_target=vocab_target, tie_word_embeddings=tie_word_embeddings,
+                 min_pixels=min_pixels, max_pixels=max_pixels)
     stamp = {"version": TINY_VERSION, "build": build, "params": n_params, "vocab_size": len(tok)}
     (out / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
     return out
@@ -369,7 +429,10 @@ def _build_settings(build_kwargs: dict) -> dict:
     unknown = set(build_kwargs) - set(_BUILD_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown tiny model settings: {sorted(unknown)}")
-    return {name: build_kwargs.get(name, default) for name, default in _BUILD_DEFAULTS.items()}
+    settings = {name: build_kwargs.get(name, default) for name, default in _BUILD_DEFAULTS.items()}
+    settings["min_pixels"], settings["max_pixels"] = _pixels(settings["family"], settings["min_pixels"],
+                                                             settings["max_pixels"])
+    return settings
 
 
 def is_current_tiny(path: Path, **build_kwargs) -> bool:
@@ -424,14 +487,15 @@ def _swap_into_place(built: Path, path: Path, build_kwargs: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the tiny random Qwen2.5-VL model folder.")
+    parser = argparse.ArgumentParser(description="Build a tiny random Qwen2.5-VL or Qwen3-VL model folder.")
     parser.add_argument("out", type=Path)
+    parser.add_argument("--family", choices=("qwen25vl", "qwen3vl"), default="qwen25vl")
     parser.add_argument("--seed", type=int, default=0)
     for name in ("hidden", "layers", "vision_depth", "vision_hidden"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=_BUILD_DEFAULTS[name],
                             help=f"default {_BUILD_DEFAULTS[name]}")
     args = parser.parse_args(argv)
-    out = build_tiny_model(args.out, seed=args.seed, hidden=args.hidden, layers=args.layers,
+    out = build_tiny_model(args.out, family=args.family, seed=args.seed, hidden=args.hidden, layers=args.layers,
                            vision_depth=args.vision_depth, vision_hidden=args.vision_hidden)
     print(json.loads((out / STAMP_FILE).read_text()))
 

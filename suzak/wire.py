@@ -90,6 +90,9 @@ class ModelInfo(Wire):
     min_pixels: int
     max_pixels: int
     dtype: str
+    patch_factor: int = 28
+    """Pixels per side of one merged visual token of the served model (28 Qwen2.5-VL, 32 Qwen3-VL): images are
+    resized to multiples of it."""
     transports: list[str]
     """Weight transports the server accepts: always 'files', plus 'ipc' or 'nccl' when vLLM's weight transfer is on."""
     sleeping: bool = False

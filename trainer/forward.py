@@ -1,5 +1,6 @@
-"""The policy's forward for GRPO: completion log-probs of Qwen2.5-VL rows, one row per rollout or the shared-prompt
-layout (a group's prompt and image once, its G completions after it), without full-vocabulary logits.
+"""The policy's forward for GRPO: completion log-probs of Qwen2.5-VL / Qwen3-VL rows (suzak/families.py), one row
+per rollout or the shared-prompt layout (a group's prompt and image once, its G completions after it), without
+full-vocabulary logits.
 
     from trainer.forward import completion_logps
     logps = completion_logps(model, micro_batch, temperature, device)    # [B, T-1], zero off the completions
@@ -10,11 +11,10 @@ shared layout against one row per rollout, in log-probs and gradients.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from suzak.errors import SuzakError
+from suzak.families import family_of
 from trainer import loss as grpo_loss
 from trainer.rollouts import MicroBatch, SharedPrompts
 
@@ -22,36 +22,27 @@ LOGP_CHUNK = 1024
 
 
 def split_backbone(model):
-    """(backbone, lm_head) of a (possibly DDP- and peft-wrapped) Qwen2.5-VL, so log-probs never need full-vocab logits."""
+    """(backbone, lm_head) of a (possibly DDP- and peft-wrapped) Qwen-VL, so log-probs never need full-vocab logits."""
     inner = getattr(model, "module", model)
     if hasattr(inner, "get_base_model"):  # peft forwards attribute lookups, so unwrap explicitly
         inner = inner.get_base_model()
     if not hasattr(inner, "lm_head") or not hasattr(inner, "model"):
-        raise SuzakError(f"unsupported model class {type(model).__name__}: expected a Qwen2.5-VL with .model and .lm_head")
+        raise SuzakError(f"unsupported model class {type(model).__name__}: expected a Qwen2.5-VL or Qwen3-VL with "
+                         ".model and .lm_head")
     return inner.model, inner.lm_head
 
 
-def shared_image_embeds(backbone, mb: MicroBatch, input_ids: torch.Tensor,
-                        row_images: list[int] | None = None) -> torch.Tensor:
-    """Token embeddings with image features in place, each distinct image through the vision tower once.
+def image_features(backbone, mb: MicroBatch, device, row_images: list[int] | None = None):
+    """The micro-batch's image features for its rows: family.encode_images, then indexed per row.
 
     The G rollouts of a group share their image: encoding it once per group instead of once per rollout cuts
     the vision tower's work G-fold, and indexing the shared features keeps their gradient exact (it sums over
-    the rows, as G separate encodings would). The backbone then gets these embeddings and no pixels, and still
-    builds mrope positions from the ids and the rows' grids.
+    the rows, as G separate encodings would). Qwen3-VL's DeepStack maps travel with the main features, so every
+    row gets them at its image positions too.
     """
-    visual = backbone.visual
-    grids = mb.image_grid_thw.to(input_ids.device)
-    encoded = visual(mb.pixel_values.to(input_ids.device, visual.dtype), grid_thw=grids)
-    features = getattr(encoded, "pooler_output", encoded)  # transformers >= 5 returns an output object
-    per_image = torch.split(features, (grids.prod(-1) // visual.spatial_merge_size ** 2).tolist())
-    rows = torch.cat([per_image[i] for i in (mb.row_images if row_images is None else row_images)])
-    embeds = backbone.get_input_embeddings()(input_ids)
-    image_mask = (input_ids == backbone.config.image_token_id).unsqueeze(-1)
-    if int(image_mask.sum()) != rows.shape[0]:
-        raise SuzakError(f"{int(image_mask.sum())} image tokens in the micro-batch but {rows.shape[0]} image features: "
-                         "the prompt ids and the image grids disagree")
-    return embeds.masked_scatter(image_mask, rows.to(embeds.dtype))
+    feats = family_of(backbone.config).encode_images(backbone, mb.pixel_values.to(device),
+                                                     mb.image_grid_thw.to(device))
+    return feats.select(mb.row_images if row_images is None else row_images)
 
 
 def shared_prompt_positions(backbone, shared: SharedPrompts, grids: torch.Tensor, device) -> torch.Tensor:
@@ -61,10 +52,8 @@ def shared_prompt_positions(backbone, shared: SharedPrompts, grids: torch.Tensor
     prompt_ids = shared.input_ids[:, :longest].to(device)
     lengths = torch.tensor(shared.prompt_lengths, device=device)
     prompt_mask = (torch.arange(longest, device=device)[None] < lengths[:, None]).long()
-    kwargs = {"image_grid_thw": grids, "attention_mask": prompt_mask}
-    if shared.mm_token_type_ids is not None and "mm_token_type_ids" in inspect.signature(backbone.get_rope_index).parameters:
-        kwargs["mm_token_type_ids"] = shared.mm_token_type_ids[:, :longest].to(device)
-    prompt_pos = backbone.get_rope_index(prompt_ids, **kwargs)[0].to(device)  # [3, groups, longest]
+    types = None if shared.mm_token_type_ids is None else shared.mm_token_type_ids[:, :longest].to(device)
+    prompt_pos = family_of(backbone.config).rope_index(backbone, prompt_ids, grids, prompt_mask, types).to(device)
     last = prompt_pos.gather(2, (lengths - 1).view(1, -1, 1).expand(3, -1, 1))  # [3, groups, 1]
     seg = shared.segments.to(device)[None]
     continued = last + shared.completion_offsets.to(device)[None]
@@ -76,10 +65,11 @@ def _shared_hidden(backbone, mb: MicroBatch, device) -> torch.Tensor:
     """Hidden states of the shared layout, flattened to [groups * W, H]."""
     shared = mb.shared
     input_ids = shared.input_ids.to(device)
-    embeds = shared_image_embeds(backbone, mb, input_ids, row_images=list(range(mb.image_grid_thw.shape[0])))
+    feats = image_features(backbone, mb, device, row_images=list(range(mb.image_grid_thw.shape[0])))
     positions = shared_prompt_positions(backbone, shared, mb.image_grid_thw.to(device), device)
-    out = backbone(inputs_embeds=embeds, position_ids=positions,
-                   attention_mask=shared.attention_bias(embeds.dtype, device))
+    out = family_of(backbone.config).language_forward(
+        backbone, input_ids, feats, position_ids=positions,
+        attention_mask=shared.attention_bias(backbone.get_input_embeddings().weight.dtype, device))
     return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
 
 
@@ -119,8 +109,12 @@ def _unshared_hidden(backbone, mb: MicroBatch, device) -> torch.Tensor:
         out = backbone(input_ids=input_ids, attention_mask=mb.attention_mask.to(device),
                        pixel_values=mb.pixel_values.to(device), image_grid_thw=mb.image_grid_thw.to(device), **extra)
     else:
-        out = backbone(input_ids=input_ids, inputs_embeds=shared_image_embeds(backbone, mb, input_ids),
-                       attention_mask=mb.attention_mask.to(device), image_grid_thw=mb.row_grid_thw.to(device), **extra)
+        # Images shared between rows: each encoded once, indexed per row; positions as the model builds them.
+        family, mask = family_of(backbone.config), mb.attention_mask.to(device)
+        positions = family.rope_index(backbone, input_ids, mb.row_grid_thw.to(device), mask,
+                                      extra.get("mm_token_type_ids"))
+        out = family.language_forward(backbone, input_ids, image_features(backbone, mb, device), attention_mask=mask,
+                                      position_ids=positions)
     return out.last_hidden_state[:, :-1]
 
 

@@ -26,7 +26,8 @@ GiB = 1024**3
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
-# Public config.json values of the Qwen2.5-VL checkpoints (their hub repos' config.json): counted on the meta device
+# Public config.json values of the Qwen2.5-VL and Qwen3-VL checkpoints (their hub repos' config.json): counted on the meta
+# device
 # here, written into benchmark model folders by bench/make_arch.py. Nothing is downloaded.
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
                temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], in_channels=3,
@@ -43,6 +44,37 @@ KNOWN_ARCHS = {
 }
 KNOWN_ARCHS["Qwen/Qwen2.5-VL-3B"] = KNOWN_ARCHS["Qwen/Qwen2.5-VL-3B-Instruct"]
 KNOWN_ARCHS["Qwen/Qwen2.5-VL-7B"] = KNOWN_ARCHS["Qwen/Qwen2.5-VL-7B-Instruct"]
+for _arch in KNOWN_ARCHS.values():
+    _arch.setdefault("family", "qwen25vl")
+
+# Qwen3-VL dense (Qwen/Qwen3-VL-{2B,4B,8B}-Instruct config.json; the Thinking variants share the shapes): patch 16,
+# learned position embeddings, DeepStack mergers at deepstack_visual_indexes, interleaved mrope [24, 20, 20].
+_TEXT3 = dict(head_dim=128, hidden_act="silu", attention_bias=False, rms_norm_eps=1e-6, max_position_embeddings=262144,
+              rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                               "mrope_interleaved": True})
+_VISION3 = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16, spatial_merge_size=2,
+                temporal_patch_size=2, in_channels=3, hidden_act="gelu_pytorch_tanh", num_position_embeddings=2304,
+                deepstack_visual_indexes=[5, 11, 17])
+KNOWN_ARCHS.update({
+    "Qwen/Qwen3-VL-2B-Instruct": dict(
+        family="qwen3vl",
+        text=dict(_TEXT3, vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+        vision=dict(_VISION3, out_hidden_size=2048), tie_word_embeddings=True),
+    "Qwen/Qwen3-VL-4B-Instruct": dict(
+        family="qwen3vl",
+        text=dict(_TEXT3, vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                  num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+        vision=dict(_VISION3, out_hidden_size=2560), tie_word_embeddings=True),
+    "Qwen/Qwen3-VL-8B-Instruct": dict(
+        family="qwen3vl",
+        text=dict(_TEXT3, vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                  num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+        vision=dict(_VISION3, depth=27, hidden_size=1152, intermediate_size=4304, out_hidden_size=4096,
+                    deepstack_visual_indexes=[8, 16, 24]), tie_word_embeddings=False),
+})
+for _size in ("2B", "4B", "8B"):
+    KNOWN_ARCHS[f"Qwen/Qwen3-VL-{_size}-Thinking"] = KNOWN_ARCHS[f"Qwen/Qwen3-VL-{_size}-Instruct"]
 
 SKIP_CHECK_ENV = "SUZAK_SKIP_MEMORY_CHECK"
 # What an asleep (level 2) vLLM server keeps on the card: CUDA context, graph pools, NCCL/compile buffers.
@@ -55,7 +87,8 @@ OFFLOAD_STAGING_BYTES = DEFAULT_BUCKET_BYTES  # trainer/offload.py streams the s
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """Parameters per part of a Qwen2.5-VL (tied embeddings counted once), plus the sizes activations depend on."""
+    """Parameters per part of a Qwen2.5-VL / Qwen3-VL (tied embeddings counted once), plus the sizes activations
+    depend on."""
 
     total: int
     vision: int
@@ -73,20 +106,25 @@ class ParamCounts:
 def _part(name: str) -> str:
     """Which trainable part a parameter name belongs to: vision, merger or lm."""
     name = name.removeprefix("base_model.model.")
-    if ".visual.merger." in f".{name}":
+    if ".visual.merger." in f".{name}" or ".visual.deepstack_merger_list." in f".{name}":  # as model.freeze_merger
         return "merger"
     if ".visual." in f".{name}":
         return "vision"
     return "lm"
 
 
-def _arch_config(name_or_path: str):
-    from transformers import Qwen2_5_VLConfig
+def known_arch_config(arch: dict, **extra):
+    """The transformers config of a KNOWN_ARCHS entry (its family's class); extra: top-level fields (token ids)."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
+    cls = Qwen3VLConfig if arch["family"] == "qwen3vl" else Qwen2_5_VLConfig
+    return cls(text_config=dict(arch["text"]), vision_config=dict(arch["vision"]),
+               tie_word_embeddings=arch["tie_word_embeddings"], **extra)
+
+
+def _arch_config(name_or_path: str):
     if name_or_path in KNOWN_ARCHS:
-        arch = KNOWN_ARCHS[name_or_path]
-        return Qwen2_5_VLConfig(text_config=dict(arch["text"]), vision_config=dict(arch["vision"]),
-                                tie_word_embeddings=arch["tie_word_embeddings"])
+        return known_arch_config(KNOWN_ARCHS[name_or_path])
     from suzak.models import load_config
 
     return load_config(name_or_path)
@@ -185,7 +223,10 @@ def _trainable_count(cfg, counts: ParamCounts) -> int:
 
 def _micro_batch_shape(cfg, stage: str, counts: ParamCounts) -> tuple[int, float]:
     """(tokens in one learner micro-batch, fraction of them that are visual tokens)."""
-    visual = cfg.model.max_pixels // (28 * 28)
+    from suzak.families import FAMILIES
+
+    factor = FAMILIES[cfg.model.family].factor if cfg.model.family in FAMILIES else 28
+    visual = cfg.model.max_pixels // (factor * factor)
     if stage == "grpo":
         text = 120 + cfg.grpo.max_completion_tokens // 2
         tokens = cfg.grpo.micro_batch_tokens

@@ -6,8 +6,9 @@
 Parameters stay fp32 when optim.master_weights_fp32 (bf16 autocast runs the forward on CUDA, see
 trainer/distributed.py), or bf16 with the fp32 masters in host RAM when optim.offload is cpu (trainer/offload.py);
 LoRA keeps the frozen base in the compute dtype and only the adapters in fp32.
-Module names follow transformers 5.x Qwen2_5_VLForConditionalGeneration: model.visual.{patch_embed,blocks}
-(vision tower), model.visual.merger, model.language_model + lm_head (language model).
+Module names follow transformers 5.x Qwen2_5_VLForConditionalGeneration / Qwen3VLForConditionalGeneration:
+model.visual.{patch_embed,blocks} (vision tower; Qwen3-VL also pos_embed), model.visual.merger (Qwen3-VL also the
+DeepStack mergers), model.language_model + lm_head (language model); suzak/families.py names them per family.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ class Policy:
 
 
 def model_parts(model) -> dict[str, list[torch.nn.Module]]:
-    """{'vision': [patch_embed, blocks], 'merger': [merger], 'lm': [language_model, lm_head]} of a Qwen2.5-VL."""
+    """{'vision': [patch_embed, blocks, ...], 'merger': [merger, ...], 'lm': [language_model, lm_head]} of a
+    Qwen2.5-VL or Qwen3-VL (the family names the vision and merger modules)."""
+    from suzak.families import family_of
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(inner, "module", inner)
     core = getattr(inner, "model", None)
@@ -68,9 +72,10 @@ def model_parts(model) -> dict[str, list[torch.nn.Module]]:
     language = getattr(core, "language_model", None)
     head = getattr(inner, "lm_head", None)
     if visual is None or language is None or head is None:
-        raise SuzakError(f"{type(inner).__name__} is not laid out like transformers 5.x Qwen2.5-VL "
+        raise SuzakError(f"{type(inner).__name__} is not laid out like transformers 5.x Qwen2.5-VL / Qwen3-VL "
                          "(model.visual, model.language_model, lm_head); freezing needs that layout")
-    return {"vision": [visual.patch_embed, visual.blocks], "merger": [visual.merger], "lm": [language, head]}
+    vision, merger = family_of(inner.config).parts(visual)
+    return {"vision": vision, "merger": merger, "lm": [language, head]}
 
 
 def apply_freezing(model, model_cfg) -> None:
@@ -113,13 +118,14 @@ def _check_trainable(model, model_cfg) -> None:
 
 def load_policy(cfg, device, *, stage: str = "grpo") -> Policy:
     """Load the policy (and the reference if needed) for a stage, after checking it fits the card."""
-    from suzak.models import load_model, load_processor, pick_attn_implementation
+    from suzak.models import check_family, load_config, load_model, load_processor, pick_attn_implementation
 
     device = torch.device(device)
     cfg = resolve_offload(cfg, stage, device)
     optim = _stage_optim(cfg, stage)
     offload = optim.offload == "cpu"
     m = cfg.model
+    check_family(load_config(m.name_or_path), m.family)
     precision = resolve_precision(m, optim, device.type)
     if m.lora.enabled and m.freeze_lm:
         raise SuzakError("model.lora.enabled with model.freeze_lm leaves nothing to train: LoRA adapts the language "

@@ -51,10 +51,12 @@ class Rollout:
 
 def prepare_prompt(example: Example, task: Task, processor, *, prompt: str, system: bool,
                    min_pixels: int, max_pixels: int) -> PreparedPrompt:
-    """The example's messages (suzak.prompts: image resized to the budget, sent as a data URL), tokenized the same
-    way the server will."""
+    """The example's messages (suzak.prompts: image resized to the budget at the model's patch factor, sent as a
+    data URL), tokenized the same way the server will."""
+    from suzak.families import processor_factor
+
     messages, image = example_messages(task, example, prompt=prompt, system=system, min_pixels=min_pixels,
-                                       max_pixels=max_pixels)
+                                       max_pixels=max_pixels, factor=processor_factor(processor))
     text = processor.apply_chat_template(hf_messages(messages), tokenize=False, add_generation_prompt=True)
     enc = processor(text=[text], images=[image], return_tensors="pt")
     mm_types = enc.get("mm_token_type_ids")

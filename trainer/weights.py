@@ -1,7 +1,7 @@
 """Weights as the rollout server wants them: HF checkpoint names, LoRA merged, in the server's dtype.
 
-Used by trainer/grpo.py before every push (`suzak train`). vLLM's Qwen2.5-VL loader takes transformers 5.x names
-(`model.visual.*`, `model.language_model.*`, `lm_head.weight`) and fuses q/k/v and gate/up itself.
+Used by trainer/grpo.py before every push (`suzak train`). vLLM's Qwen2.5-VL and Qwen3-VL loaders take transformers
+5.x names (`model.visual.*`, `model.language_model.*`, `lm_head.weight`) and fuses q/k/v and gate/up itself.
 """
 
 from __future__ import annotations

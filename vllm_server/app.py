@@ -440,7 +440,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None,
     liveness = _Liveness(engine, on_fatal, limits.engine_check_s)
     app = FastAPI(title="suzak rollout server", version="1", lifespan=_lifespan(engine, on_fatal, liveness),
                   description="Generation with per-token log-probs and policy versions, and weight pushes "
-                              "from the learner, for GRPO on Qwen2.5-VL.")
+                              "from the learner, for GRPO on Qwen2.5-VL and Qwen3-VL.")
     app.state.engine = engine
     app.state.limits = limits
     app.state.liveness = liveness

@@ -212,7 +212,7 @@ class RolloutClient:
         Local paths are kept for a server on this machine and inlined as data URLs for a remote one."""
         info = info or self.info()
         local = httpx.URL(self.url).host in ("127.0.0.1", "localhost", "::1", "testserver")
-        return fit_images(req, info.min_pixels, info.max_pixels, inline_paths=not local)
+        return fit_images(req, info.min_pixels, info.max_pixels, inline_paths=not local, factor=info.patch_factor)
 
     # ------------------------------------------------------------------ weights and memory
 

@@ -151,7 +151,7 @@ def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 def canonical_name(name: str) -> str:
-    """One spelling for transformers 4 and 5 Qwen2-VL checkpoint names (model.language_model.* / model.visual.*)."""
+    """One spelling for transformers 4 and 5 Qwen-VL checkpoint names (model.language_model.* / model.visual.*)."""
     return name.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
 
 
@@ -333,6 +333,7 @@ class VLLMEngine(Engine):
         self.cfg = cfg
         self.llm = None
         self.processor = None
+        self.patch_factor = 28
         self.model_path = cfg.model.name_or_path
         self.backend: str | None = None
         self.adapter: TransferAdapter | None = None
@@ -368,10 +369,12 @@ class VLLMEngine(Engine):
         self._idle.set()
 
     def _build(self) -> None:
-        from suzak.models import load_processor, resolve_model_path
+        from suzak.families import processor_factor
+        from suzak.models import check_family, load_config, load_processor, resolve_model_path
 
         cfg, srv = self.cfg, self.cfg.server
         self.model_path = resolve_model_path(cfg.model.name_or_path)
+        check_family(load_config(self.model_path), cfg.model.family)  # vLLM then follows the checkpoint's config
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
@@ -419,6 +422,7 @@ class VLLMEngine(Engine):
                  ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "weight_transfer_config"))
         self.processor = load_processor(self.model_path, min_pixels=cfg.model.min_pixels,
                                         max_pixels=cfg.model.max_pixels)
+        self.patch_factor = processor_factor(self.processor)  # the server follows the checkpoint's family
         try:
             self.served_shapes = {canonical_name(n): shape for n, shape in safetensors_shapes(
                 sorted(Path(self.model_path).glob("*.safetensors"))).items()}
@@ -488,7 +492,7 @@ class VLLMEngine(Engine):
             policy_version=self.policy_version, max_model_len=self.cfg.server.max_model_len,
             min_pixels=self.cfg.model.min_pixels, max_pixels=self.cfg.model.max_pixels, dtype=self.dtype,
             transports=transports, sleeping=self.sleeping, can_sleep=self.can_sleep, gpu_uuids=self.gpu_uuids,
-            max_images_per_prompt=MAX_IMAGES_PER_PROMPT)
+            max_images_per_prompt=MAX_IMAGES_PER_PROMPT, patch_factor=self.patch_factor)
 
     # ------------------------------------------------------------------ generation
 
@@ -499,7 +503,8 @@ class VLLMEngine(Engine):
         text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
         mcfg, limit = self.cfg.model, self.cfg.server.max_model_len
         n_text = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-        n_image = sum(visual_tokens(im.height, im.width, mcfg.min_pixels, mcfg.max_pixels) for im in prompt.images)
+        n_image = sum(visual_tokens(im.height, im.width, mcfg.min_pixels, mcfg.max_pixels, self.patch_factor)
+                      for im in prompt.images)
         # Each <|image_pad|> placeholder expands to its image's visual tokens.
         length = n_text - len(prompt.images) + n_image
         if length >= limit:

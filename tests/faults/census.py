@@ -629,7 +629,7 @@ def rerun(home: Path, out: Path, before: str, resumed: bool) -> tuple[str, str]:
     metrics = (out / "grpo_metrics.jsonl").read_text()
     if steps != list(range(1, TRAIN_STEPS + 1)) or not metrics.startswith(before):
         return LOST, f"steps {steps}; earlier lines kept: {metrics.startswith(before)}"
-    line = next((x for x in r.out.splitlines() if x.startswith("resumed GRPO")), "")
+    line = next((x.split("grpo: ", 1)[1] for x in r.out.splitlines() if "grpo: resumed from" in x), "")
     if resumed != bool(line):
         return SILENT, f"resumed: {bool(line)}"
     return HANDLED, f"exit 0, steps 1-{TRAIN_STEPS} once, earlier lines as written" + (

@@ -89,9 +89,9 @@ def test_kill_9_mid_grpo_then_rerun_loses_no_step_and_overwrites_no_metrics(tmp_
         assert again.returncode == 0 and "Traceback" not in text, text[-3000:]
         assert "from an earlier run is still running" not in text  # nothing was left behind to stop
         if victim == "learner":
-            assert "resumed GRPO from" in text and "step-000002" in text, text[-3000:]
+            assert "grpo: resumed from" in text and "step-000002" in text, text[-3000:]
         else:
-            assert "resumed GRPO" not in text and (out / "grpo_metrics.jsonl").read_text() == after_first
+            assert "grpo: resumed from" not in text and (out / "grpo_metrics.jsonl").read_text() == after_first
 
         metrics = (out / "grpo_metrics.jsonl").read_text()
         assert steps_logged(out / "grpo_metrics.jsonl") == list(range(1, TRAIN_STEPS + 1))  # every step, each once

@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest tests/integration/test_pipeline.py -q -m vllm
 
 Same command as the README's main job, with fewer samples and steps. A second run with the same --out must
-skip the finished stages (resume) and produce the same summary accuracies.
+skip the finished stages (resume) and produce the same summary accuracies. The tiny Qwen3-VL runs it too
+(model.family=qwen3vl), and its GRPO reward must rise.
 """
 
 from __future__ import annotations
@@ -78,3 +79,49 @@ def test_default_pipeline_runs_every_stage_and_resumes(tmp_path):
     for split in ("A", "B"):
         rescored = json.loads((out / "eval" / f"sft_{split}.json").read_text())
         assert rescored["records"] == first_records[split]["records"]
+
+
+# The tiny Qwen3-VL through `suzak train` (model.family=qwen3vl on the default recipe), in two invocations on one
+# output folder, as test_grpo.py does in-process: SFT on scenes of 1 to 4 objects teaches the format and some spread
+# of counts; GRPO then trains on scenes that always hold 3 objects, which it learns within a few steps, so its mean
+# reward must rise. The server runs the Qwen3-VL checkpoint (DeepStack, 32 px tokens) and takes every push.
+QWEN3VL = ["model.family=qwen3vl", "model.min_pixels=4096", "model.max_pixels=50176", "data.synth.n=128",
+           "data.synth.image_width=112", "data.synth.image_height=112", "logging.progress=false",
+           "checkpoint.every_steps=100"]
+QWEN3VL_SFT = ["data.synth.min_objects=1", "data.synth.max_objects=4", "sft.max_steps=40", "sft.batch_size=8",
+               "sft.optim.warmup_ratio=0"]
+QWEN3VL_GRPO = ["data.synth.min_objects=3", "data.synth.max_objects=3", "data.synth.seed=1", "grpo.steps=12",
+                "grpo.prompts_per_step=16", "grpo.num_generations=4", "grpo.max_completion_tokens=24",
+                "grpo.temperature=0.8", "grpo.optim.lr=2e-4", "grpo.beta=0",
+                "grpo.reward_weights={accuracy: 1.0, format: 0.5}", "eval.synth_n=8"]
+
+
+def test_qwen3vl_pipeline_trains_and_reward_rises(tmp_path):
+    out, home = tmp_path / "run", tmp_path / "home"
+    env = {**os.environ, "SUZAK_HOME": str(home)}
+
+    def train(*extra):
+        done = subprocess.run([sys.executable, "-m", "suzak", "train", "--out", str(out), *QWEN3VL, *extra], env=env,
+                              capture_output=True, text=True, timeout=1500)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    train("--stages", "model,data,sft", *QWEN3VL_SFT)
+    built = json.loads((home / "tiny-qwen3vl" / "config.json").read_text())
+    assert built["model_type"] == "qwen3_vl" and built["vision_config"]["patch_size"] == 16
+    exported = json.loads((out / "sft" / "final" / "config.json").read_text())
+    assert exported["architectures"] == ["Qwen3VLForConditionalGeneration"]
+
+    train("--stages", "grpo,eval", *QWEN3VL_GRPO)
+    history = [json.loads(x) for x in (out / "grpo_metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history] == list(range(1, 13)) and history[-1]["policy_version"] == 12
+    rewards = [m["reward/total"] for m in history]
+    print("qwen3vl rewards per step:", [round(r, 3) for r in rewards])
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first, f"mean reward did not rise: first 3 steps {first:.3f}, last 3 steps {last:.3f}"
+    # Server and learner agree after every push (fp32 on both sides): the server runs the pushed Qwen3-VL weights.
+    gaps = [m["logprob_gap/mean"] for m in history]
+    print(f"qwen3vl server vs learner log-prob gap: mean {sum(gaps) / len(gaps):.2e}")
+    assert max(gaps) <= 1e-5
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["grpo"]) == {"A", "B"}

@@ -3,9 +3,9 @@
     .venv/bin/python -m pytest tests/unit/test_bench_smoke.py -q                  # fast checks (~40 s)
     .venv/bin/python -m pytest tests/unit/test_bench_smoke.py -q -m "slow"        # + the CPU run through vLLM (~2 min)
 
-The fast tests check what the GPU numbers rest on: the 3B/7B configs count exactly the parameters of the public
-architectures, the tokenizer has Qwen's special ids, a weight-less folder builds at random through suzak's own
-loader, and the prompts have the reference step's shape (512 visual tokens, the asked-for text tokens).
+The fast tests check what the GPU numbers rest on: the 3B/7B and Qwen3-VL 2B/4B/8B configs count exactly the
+parameters of the public architectures, the tokenizer has Qwen's special ids, a weight-less folder builds at random
+through suzak's own loader, and the prompts have the reference step's shape (512 visual tokens, the asked-for text tokens).
 """
 
 from __future__ import annotations
@@ -61,6 +61,38 @@ def test_arch_configs_have_the_public_shapes(arch, hub_id, params):
         (151655, 151656, 151652, 151653)
 
 
+@pytest.mark.parametrize("arch,hub_id,params", [("qwen3vl-2b", "Qwen/Qwen3-VL-2B-Instruct", 2_127_532_032),
+                                                ("qwen3vl-4b", "Qwen/Qwen3-VL-4B-Instruct", 4_437_815_808),
+                                                ("qwen3vl-8b", "Qwen/Qwen3-VL-8B-Instruct", 8_767_123_696)])
+def test_qwen3vl_arch_configs_have_the_public_shapes(arch, hub_id, params):
+    from trainer.memory import count_parameters
+
+    cfg = make_arch.build_config(arch)
+    text, vision = cfg.text_config, cfg.vision_config
+    assert cfg.model_type == "qwen3_vl" and cfg.architectures == ["Qwen3VLForConditionalGeneration"]
+    assert _meta_param_count(cfg) == count_parameters(hub_id).total == params
+    assert text.rope_parameters["mrope_section"] == [24, 20, 20] and text.rope_parameters["mrope_interleaved"]
+    assert (text.head_dim, text.vocab_size, vision.patch_size, vision.out_hidden_size) == \
+        (128, 151936, 16, text.hidden_size)
+    assert len(vision.deepstack_visual_indexes) == 3 and max(vision.deepstack_visual_indexes) < vision.depth
+    assert cfg.tie_word_embeddings == (arch != "qwen3vl-8b")
+    assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id) == \
+        (151655, 151656, 151652, 151653)
+
+
+def test_qwen3vl_8b_folder_has_its_processor_and_shapes(tmp_path):
+    from suzak.models import load_processor
+
+    folder = make_arch.make_arch(tmp_path / "q3", "qwen3vl-8b")
+    assert not make_arch.has_weights(folder)
+    processor = load_processor(folder, min_pixels=4 * 1024, max_pixels=512 * 1024)
+    assert type(processor).__name__ == "Qwen3VLProcessor" and processor.image_processor.patch_size == 16
+    args = grpo_step.parse_args(["--arch", "qwen3vl-8b"])
+    assert args.factor == 32 and grpo_step.image_size(args.visual_tokens, args.factor) == (1024, 512)
+    over = grpo_step.base_overrides(args, folder, tmp_path / "run", on_cuda=True)
+    assert "model.max_pixels=524288" in over and "model.min_pixels=4096" in over
+
+
 def test_tokenizer_has_qwen_ids_and_one_token_per_ascii_char(bench_tokenizer):
     tok = bench_tokenizer
     assert len(tok) == 151665  # as the real Qwen2.5 tokenizer
@@ -80,6 +112,8 @@ def test_image_size_gives_exactly_the_visual_tokens():
     for n in (512, 64, 187, 13):
         width, height = grpo_step.image_size(n)
         assert visual_tokens(height, width, 3136 if n >= 4 else 784, n * 784) == n
+        width, height = grpo_step.image_size(n, 32)  # Qwen3-VL
+        assert visual_tokens(height, width, 4096 if n >= 4 else 1024, n * 1024, 32) == n
 
 
 def test_weightless_folder_builds_at_random_through_suzaks_loader(tiny_dir, tmp_path, monkeypatch, capsys):

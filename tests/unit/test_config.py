@@ -72,7 +72,25 @@ def test_every_field_documented():
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(recipe):
-    load_config(recipe)
+    cfg = load_config(recipe)
+    # Every recipe names its family (or gets it from a known name), and the Qwen3-VL ones are qwen3vl.
+    assert cfg.model.family == ("qwen3vl" if "qwen3vl" in recipe.name else "qwen25vl")
+
+
+def test_model_family_picks_the_tiny_model_and_checks_pixels():
+    cfg = load_config(None, ["model.family=qwen3vl", "model.min_pixels=4096", "model.max_pixels=65536"])
+    assert (cfg.model.name_or_path, cfg.model.family) == ("tiny-qwen3vl", "qwen3vl")
+    assert load_config(None, []).model.family == "qwen25vl"  # `tiny` alone is the Qwen2.5-VL one
+    assert load_config(None, ["model.name_or_path=/some/folder"]).model.family == "auto"  # config.json decides
+    # Qwen3-VL's visual token is 32x32 px: bounds must be multiples of 1024 (3136 = 4 x 28 x 28 is not).
+    with pytest.raises(SuzakError, match="not a multiple of 1024"):
+        load_config(None, ["model.family=qwen3vl"])
+    with pytest.raises(SuzakError, match="set model.family to qwen3vl"):
+        load_config(None, ["model.name_or_path=Qwen/Qwen3-VL-8B-Instruct", "model.family=qwen25vl"])
+    with pytest.raises(SuzakError, match="model.family"):
+        load_config(None, ["model.family=qwen4"])
+    saved = RunConfig.model_validate(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))))
+    assert saved == cfg
 
 
 def test_cli_help_is_fast_and_imports_nothing_heavy():

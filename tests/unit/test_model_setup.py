@@ -52,6 +52,37 @@ def test_freezing_flags(tiny, flag, frozen_prefixes, trained_prefixes):
     assert policy.ref_model is None and not policy.is_lora
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen3vl(tmp_path_factory):
+    from suzak.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny3"), family="qwen3vl", hidden=64, layers=1, vision_depth=1,
+                            vision_hidden=64, vocab_target=512)
+
+
+def test_qwen3vl_freezing_groups_and_family_check(tiny_qwen3vl):
+    """Qwen3-VL's extra vision modules land in the right group: pos_embed with the tower, DeepStack mergers with the
+    merger; and model.family must match the checkpoint."""
+    def cfg(*flags):
+        return load_config(None, [f"model.name_or_path={tiny_qwen3vl}", "model.min_pixels=1024",
+                                  "model.max_pixels=4096", *flags])
+
+    vision = load_policy(cfg("model.freeze_vision=true"), "cpu", stage="sft").model
+    frozen = {n for n, p in vision.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("model.visual.pos_embed.") for n in frozen)
+    assert any(n.startswith("model.visual.blocks.") for n in frozen)
+    assert not any("merger" in n for n in frozen)
+    merger = load_policy(cfg("model.freeze_merger=true"), "cpu", stage="sft").model
+    frozen = {n for n, p in merger.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("model.visual.deepstack_merger_list.") for n in frozen)
+    assert any(n.startswith("model.visual.merger.") for n in frozen) and not any("blocks" in n for n in frozen)
+    counts = count_parameters(str(tiny_qwen3vl))
+    assert counts.merger == sum(p.numel() for n, p in merger.named_parameters() if "merger" in n)
+    with pytest.raises(SuzakError, match="model.family is qwen25vl but the checkpoint is Qwen3-VL"):
+        load_policy(cfg("model.family=qwen25vl", "model.min_pixels=784", "model.max_pixels=3136"), "cpu",
+                    stage="sft")
+
+
 def test_all_frozen_is_an_error(tiny):
     with pytest.raises(SuzakError, match="frozen"):
         load_policy(cfg_for(tiny, "model.freeze_vision=true", "model.freeze_merger=true", "model.freeze_lm=true"),

@@ -5,7 +5,7 @@
 The G rollouts of a group share one image; the learner encodes it once per micro-batch, and with
 grpo.share_prompt runs the whole prompt once per group (one row: prompt, then the G completions). These tests
 check that both give the same log-probs and the same gradients as one row per rollout, and that micro-batches
-keep a group's rollouts together.
+keep a group's rollouts together; the model tests run on the tiny Qwen2.5-VL and the tiny Qwen3-VL (DeepStack).
 """
 
 from __future__ import annotations
@@ -22,24 +22,30 @@ from trainer.rollouts import (MicroBatch, Rollout, build_micro_batch, cut_group_
                               prepare_prompt)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+# 4..64 visual tokens of each family: 28 px (Qwen2.5-VL) or 32 px (Qwen3-VL, with DeepStack) per token.
+PIXELS = {"qwen25vl": (3136, 50176), "qwen3vl": (4096, 65536)}
+
+
+@pytest.fixture(scope="module", params=["qwen25vl", "qwen3vl"])
+def tiny(request, tmp_path_factory):
     from suzak.tiny import build_tiny_model
 
-    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", family=request.param)
     model = load_model(path, dtype="float32")
-    return model, load_processor(path, min_pixels=3136, max_pixels=50176)
+    min_pixels, max_pixels = PIXELS[request.param]
+    return model, load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 @pytest.fixture(scope="module")
 def prompts(tiny):
-    _, processor = tiny
+    model, processor = tiny
+    min_pixels, max_pixels = PIXELS["qwen3vl" if model.config.model_type == "qwen3_vl" else "qwen25vl"]
     task = get_task("clevr_count")
     # Two image sizes, so the images have different grids and token counts.
     examples = (synth_examples(task, SynthConfig(n=2, seed=3, image_width=224, image_height=160))
                 + synth_examples(task, SynthConfig(n=1, seed=4, image_width=160, image_height=112)))
-    return [prepare_prompt(e, task, processor, prompt="train", system=False, min_pixels=3136, max_pixels=50176)
-            for e in examples]
+    return [prepare_prompt(e, task, processor, prompt="train", system=False, min_pixels=min_pixels,
+                           max_pixels=max_pixels) for e in examples]
 
 
 def _rollouts(prompts, group: int, seed: int = 0) -> list[Rollout]:
@@ -76,6 +82,8 @@ def _assert_same(result_a, result_b):
     (a, grads_a), (b, grads_b) = result_a, result_b
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert any("visual" in n for n in grads_a)  # the vision tower is trained through the shared features
+    if any("deepstack" in n for n in grads_b):  # Qwen3-VL: the DeepStack maps reach the LM through the shared path
+        assert any("deepstack_merger_list" in n for n in grads_a)
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
