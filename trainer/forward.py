@@ -74,7 +74,8 @@ def _shared_hidden(backbone, mb: MicroBatch, device) -> torch.Tensor:
 
 
 def completion_logps(model, mb: MicroBatch, temperature: float, device) -> torch.Tensor:
-    """Per-position log-probs [B, T-1] of the next token under softmax(logits / T), non-zero only on completion tokens."""
+    """Per-position log-probs [B, T-1] of the next token under softmax(logits / T), non-zero only on completion
+    tokens."""
     backbone, head = split_backbone(model)
     if mb.shared is not None:
         hidden = _shared_hidden(backbone, mb, device)

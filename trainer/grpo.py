@@ -268,7 +268,8 @@ class GRPOLearner:
         weights = self.cfg.grpo.reward_weights
         unknown = set(weights) - set(self.reward_fns)
         if unknown:
-            raise SuzakError(f"grpo.reward_weights names unknown reward(s) {sorted(unknown)}; known: {sorted(self.reward_fns)}")
+            raise SuzakError(f"grpo.reward_weights names unknown reward(s) {sorted(unknown)}; "
+                             f"known: {sorted(self.reward_fns)}")
         for r in rollouts:
             answer = prompts[r.prompt_index].example.answer
             r.rewards = {name: fn(r.text, answer) for name, fn in self.reward_fns.items()}

@@ -26,9 +26,8 @@ GiB = 1024**3
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
-# Public config.json values of the Qwen2.5-VL and Qwen3-VL checkpoints (their hub repos' config.json): counted on the meta
-# device
-# here, written into benchmark model folders by bench/make_arch.py. Nothing is downloaded.
+# Public config.json values of the Qwen2.5-VL and Qwen3-VL checkpoints (their hub repos' config.json): counted on
+# the meta device here, written into benchmark model folders by bench/make_arch.py. Nothing is downloaded.
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
                temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], in_channels=3,
                hidden_act="silu", tokens_per_second=2)

@@ -101,8 +101,8 @@ def collect_rollouts(prompts: list[PreparedPrompt], response: GenerateResponse, 
         if result.prompt_token_ids and result.prompt_token_ids != prep.input_ids:
             raise SuzakError(
                 f"prompt {i}: the server tokenized the prompt differently from the learner "
-                f"({len(result.prompt_token_ids)} vs {len(prep.input_ids)} tokens). Image grids / mrope positions would "
-                f"differ; make sure server and learner use the same model folder and model.min_pixels/max_pixels")
+                f"({len(result.prompt_token_ids)} vs {len(prep.input_ids)} tokens). Image grids / mrope positions "
+                f"would differ; make sure server and learner use the same model folder and model.min_pixels/max_pixels")
         for c in result.completions:
             rejected = any(t in vision_token_ids for t in c.token_ids) or not c.token_ids
             rollouts.append(Rollout(i, list(c.token_ids), c.text, c.logprobs, c.finish_reason, c.policy_version,

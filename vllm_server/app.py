@@ -476,7 +476,8 @@ def create_app(engine: Engine, *, admin_token: str | None = None,
         eng = ready_engine()
         return {"ready": True, "policy_version": eng.policy_version}
 
-    @app.get("/info", response_model=wire.ModelInfo, dependencies=user, summary="Model, engine, policy version and limits")
+    @app.get("/info", response_model=wire.ModelInfo, dependencies=user,
+             summary="Model, engine, policy version and limits")
     async def info() -> wire.ModelInfo:
         return ready_engine().info().model_copy(update={"max_request_bytes": limits.max_request_bytes})
 

@@ -318,7 +318,8 @@ def start_local_server(cfg: RunConfig, log_path: str | Path, *, env: dict | None
     return process, url
 
 
-def spawn_local_server(cfg: RunConfig, log_path: str | Path, *, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def spawn_local_server(cfg: RunConfig, log_path: str | Path, *,
+                       env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """Spawn the server as start_local_server does, without waiting for it (see wait_local_server)."""
     from suzak.config import save_config
 
@@ -383,16 +384,16 @@ def stop_stale_server(folder: str | Path, timeout_s: float = 30.0) -> bool:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)  # its own session: the engine processes too
         deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 10)
-        while time.monotonic() < deadline and _start_time(pid) == started and _alive(pid):
+        while time.monotonic() < deadline and _start_time(pid) == started and pid_alive(pid):
             time.sleep(0.2)
-        if not (_start_time(pid) == started and _alive(pid)):
+        if not (_start_time(pid) == started and pid_alive(pid)):
             break
     with contextlib.suppress(OSError):
         pid_file.unlink()
     return True
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Running (a zombie, dead but not yet reaped by its parent, counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:

@@ -100,7 +100,8 @@ class DirectLoadPlan:
     @torch.no_grad()
     def build(cls, model: torch.nn.Module, named_tensors: NamedTensors,
               load_fn: Callable[[list], object] | None = None) -> DirectLoadPlan:
-        """Load `named_tensors` through load_fn (default model.load_weights), one call per tensor, and learn the plan."""
+        """Load `named_tensors` through load_fn (default model.load_weights), one call per tensor, and learn the
+        plan."""
         plan = cls(model)
         load_fn = load_fn or model.load_weights
         storages = {_storage_key(t) for t in model.state_dict(keep_vars=True).values()

@@ -202,7 +202,8 @@ class DirectWeightsWorker:
             timings = plan.apply(weights, load_fn=self._suzak_load_weights)
         else:
             if self.vllm_config.quant_config is not None:
-                raise RuntimeError("direct weight loads assume unquantized weights: set server.direct_weight_load=false")
+                raise RuntimeError("direct weight loads assume unquantized weights: "
+                                   "set server.direct_weight_load=false")
             plan = DirectLoadPlan.build(self.model_runner.get_model(), weights, load_fn=self._suzak_load_weights)
             self._suzak_plan = plan
             timings = {"built": True, "direct": plan.direct_names, "fallback": [
@@ -306,7 +307,8 @@ def _ensure_ray_importable() -> None:
         return
     stub = Path(tempfile.gettempdir()) / "suzak-ray-stub"
     (stub / "ray").mkdir(parents=True, exist_ok=True)
-    (stub / "ray" / "__init__.py").write_text("# Empty stand-in: vLLM 0.26's ipc_engine imports ray but IPC never uses it.\n")
+    (stub / "ray" / "__init__.py").write_text(
+        "# Empty stand-in: vLLM 0.26's ipc_engine imports ray but IPC never uses it.\n")
     sys.path.append(str(stub))
     # vLLM's other ray probes catch ImportError/AttributeError and so read this as "no ray".
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(stub)) if p)

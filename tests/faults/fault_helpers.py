@@ -13,6 +13,7 @@ from pathlib import Path
 
 from suzak import wire
 from vllm_server.app import descendants  # noqa: F401 - the fault tests' process-tree helper
+from vllm_server.client import pid_alive as alive  # noqa: F401 - the same liveness test as the product
 from vllm_server.engine import Engine, RequestError, safetensors_shards
 
 MIN_PIXELS, MAX_PIXELS = 3136, 100352
@@ -43,15 +44,6 @@ def image_body(ref: str, **sampling) -> dict:
 
 def text_body(text: str = "hi", **sampling) -> dict:
     return {"prompts": [{"messages": [{"role": "user", "content": text}]}], "sampling": {"max_tokens": 4, **sampling}}
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def is_engine_core(pid: int) -> bool:

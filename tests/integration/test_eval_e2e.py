@@ -25,7 +25,8 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 FIELDS = ["id", "image_path", "question", "ground_truth", "output", "extracted", "correct"]
 # Overrides must come right after the benchmark name (argparse stops collecting positionals at the first flag).
-SMALL = ["eval.max_new_tokens=32", "logging.progress=false", "server.enforce_eager=true"]  # eager: no compile, faster start
+# eager: no compile, a faster start
+SMALL = ["eval.max_new_tokens=32", "logging.progress=false", "server.enforce_eager=true"]
 
 
 def _suzak(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:

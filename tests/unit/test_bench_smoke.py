@@ -5,7 +5,8 @@
 
 The fast tests check what the GPU numbers rest on: the 3B/7B and Qwen3-VL 2B/4B/8B configs count exactly the
 parameters of the public architectures, the tokenizer has Qwen's special ids, a weight-less folder builds at random
-through suzak's own loader, and the prompts have the reference step's shape (512 visual tokens, the asked-for text tokens).
+through suzak's own loader, and the prompts have the reference step's shape (512 visual tokens, the asked-for text
+tokens).
 """
 
 from __future__ import annotations
@@ -208,7 +209,8 @@ def test_scaling_points_vary_one_quantity_at_a_time_and_plot(tmp_path):
     big = scaling.largest(args, rest)
     assert (big.G, big.completion, big.visual_tokens) == (16, 256, 512)
     result = {"arch": "tiny", "train": "full", "prompts": 2, "device": "cpu", "points": [
-        dict(p, step_s=1.0 + i, generate_s=0.2, update_s=0.7 + i, tokens_per_s_per_gpu=100.0) for i, p in enumerate(pts)]}
+        dict(p, step_s=1.0 + i, generate_s=0.2, update_s=0.7 + i, tokens_per_s_per_gpu=100.0)
+        for i, p in enumerate(pts)]}
     assert scaling.table(result).count("\n") == len(pts) + 1
     png = scaling.plot(result, tmp_path / "scaling.png")
     assert png.stat().st_size > 10_000

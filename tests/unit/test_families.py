@@ -94,7 +94,8 @@ def test_deepstack_features_travel_with_the_shared_encoding(tiny3):
         positions = QWEN3VL.rope_index(backbone, enc["input_ids"], enc["image_grid_thw"], enc["attention_mask"],
                                        enc["mm_token_type_ids"])
         shared = QWEN3VL.language_forward(backbone, enc["input_ids"], feats.select([0, 1]),
-                                          attention_mask=enc["attention_mask"], position_ids=positions).last_hidden_state
+                                          attention_mask=enc["attention_mask"],
+                                          position_ids=positions).last_hidden_state
         no_deepstack = type(feats)(embeds=feats.embeds, deepstack=tuple(tuple(torch.zeros_like(t) for t in level)
                                                                          for level in feats.deepstack))
         plain = QWEN3VL.language_forward(backbone, enc["input_ids"], no_deepstack, attention_mask=enc["attention_mask"],
