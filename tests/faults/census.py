@@ -644,6 +644,9 @@ def main() -> int:
     ap.add_argument("--no-vllm", action="store_true", help="skip the cases that need real servers and trains")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs of every server and run)")
     args = ap.parse_args()
+    from suzak.log import setup_logging
+
+    setup_logging()  # suzak's log lines (warnings included) go to stdout as under the CLI, where cases look for them
     work = Path(tempfile.mkdtemp(prefix="suzak-census-"))
     print(f"census work folder: {work}", flush=True)
     c, home, start = Census(work), work / "home", time.time()
