@@ -1,9 +1,9 @@
 """One log format for every suzak command, and progress that suits where the output goes.
 
-    from suzak.log import get_logger, progress
+    from suzak.log import Progress, get_logger
     log = get_logger("grpo")
     log.info("resumed from %s", path)             # [suzak   12.3s] grpo: resumed from runs/x/...
-    bar = progress("sft", total=300, enabled=cfg.logging.progress)
+    bar = Progress("sft", total=300, enabled=cfg.logging.progress)
     bar.update(step, "loss 0.41 | lr 1e-5"); bar.close()
 
 `suzak` (suzak/cli.py) calls `setup_logging()` once, so the learner, the pipeline, the evaluator and the server
@@ -64,11 +64,6 @@ def get_logger(name: str = "") -> logging.Logger:
     return logging.getLogger(f"{ROOT}.{name}" if name else ROOT)
 
 
-def interactive(stream=None) -> bool:
-    stream = stream or sys.stderr
-    return bool(getattr(stream, "isatty", lambda: False)())
-
-
 class Progress:
     """A bar (tqdm) on a terminal; otherwise a log line at most every `every_s` seconds and at the end."""
 
@@ -82,7 +77,7 @@ class Progress:
         self._start_done = initial
         self._postfix = ""
         self._bar = None
-        if enabled and (interactive() if bar is None else bar):
+        if enabled and (sys.stderr.isatty() if bar is None else bar):
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
@@ -117,7 +112,3 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def progress(desc: str, total: int, **kw) -> Progress:
-    return Progress(desc, total, **kw)
