@@ -390,8 +390,10 @@ def prepare(args) -> dict:
             "device_name": device_name, "device_total": device_total}
 
 
-def time_steps(args, learner, client, *, warmup: int | None = None, steps: int | None = None) -> list[dict]:
-    """--warmup then --steps learner steps, each timed end to end; peak memory counts the timed steps only."""
+def time_steps(args, learner, client, *, warmup: int | None = None, steps: int | None = None,
+               sampler: GpuMemorySampler | None = None) -> list[dict]:
+    """--warmup then --steps learner steps, each timed end to end; peak memory counts the timed steps only.
+    Each step's line also shows the peak card memory so far, so a run cut short still tells it."""
     import torch
 
     warmup = args.warmup if warmup is None else warmup
@@ -414,8 +416,22 @@ def time_steps(args, learner, client, *, warmup: int | None = None, steps: int |
         print(f"[bench] step {i + 1}/{warmup + steps}{' (warm-up)' if record['warmup'] else ''}"
               f"{'' if learner.share_prompt else ' (unshared)'}: "
               f"{record['step_s']:.1f} s, {record['tokens_per_s_per_gpu']:.0f} tokens/s/GPU, "
-              f"phases {record['phases_s']}", flush=True)
+              f"phases {record['phases_s']}{_peak_so_far(sampler)}", flush=True)
     return records
+
+
+def _peak_so_far(sampler: GpuMemorySampler | None) -> str:
+    import torch
+
+    if sampler is None or not torch.cuda.is_available():
+        return ""
+    try:
+        sampler.sample()
+    except Exception:  # noqa: BLE001 - the sampler's thread records the error
+        pass
+    peak = {k: round(v / 1024, 1) for k, v in sampler.peak.items()}
+    return (f", peak GiB so far: card {peak['gpu_used']}, server {peak['server']}, learner {peak['learner']} "
+            f"(torch max allocated {torch.cuda.max_memory_allocated() / GiB:.1f}), host {peak.get('host_used')}")
 
 
 LEARNER_MODULES = ["torch", "transformers", "accelerate", "peft", "httpx", "pydantic", "yaml", "PIL", "safetensors"]
@@ -483,10 +499,10 @@ def _learner_part(args, ctx, task, examples, server, startup) -> dict:
         t0 = time.perf_counter()
         push = learner.push_weights()  # what GRPOLearner.run does first: the server then serves these weights
         startup["initial_push_s"] = round(time.perf_counter() - t0, 2)
-        records = time_steps(args, learner, client)
+        records = time_steps(args, learner, client, sampler=sampler)
         if args.compare_unshared and learner.share_prompt:
             learner.share_prompt = False  # the baseline: one row per rollout
-            records += time_steps(args, learner, client, warmup=0, steps=args.compare_unshared)
+            records += time_steps(args, learner, client, warmup=0, steps=args.compare_unshared, sampler=sampler)
         params = model_params(learner.policy.model)
         ctx["offload"] = learner.cfg.grpo.optim.offload  # as resolved for this card (auto -> cpu or gpu)
     finally:

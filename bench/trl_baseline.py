@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rollouts per forward/backward (per_device_train_batch_size); ~17k tokens like suzak's 16384")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--no-fallback", action="store_true", help="stop after the first failed attempt")
+    p.add_argument("--bf16-weights", action="store_true",
+                   help="full/frozen_vision: plain bf16 weights and AdamW states (TRL's one-card way to fit 7B; "
+                        "loses updates at lr 1e-6) instead of fp32 masters under bf16 autocast")
+    p.add_argument("--sleep", action="store_true", help="vllm_enable_sleep_mode: vLLM sleeps through the update")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("SUZAK_BENCH_DIR", "/tmp/suzak-bench")))
     p.add_argument("--peak-flops", type=float, default=grpo_step.H100_BF16_PEAK)
     p.add_argument("--attempt", help=argparse.SUPPRESS)  # JSON: run one attempt in this process (child)
@@ -168,11 +172,12 @@ def _probe_trl_vllm_generate() -> None:
     vg.LLM = probed_llm
 
 
-def _policy(folder: Path, mode: str, on_cuda: bool):
-    """The policy as suzak's learner holds it: fp32 masters under bf16 autocast, or a bf16 base for LoRA."""
+def _policy(folder: Path, mode: str, on_cuda: bool, bf16_weights: bool = False):
+    """The policy as suzak's learner holds it: fp32 masters under bf16 autocast, or a bf16 base for LoRA
+    (--bf16-weights: plain bf16 for every mode)."""
     from suzak.models import pick_attn_implementation
 
-    dtype = "bfloat16" if mode == "lora" and on_cuda else "float32"
+    dtype = "bfloat16" if (mode == "lora" or bf16_weights) and on_cuda else "float32"
     attn = pick_attn_implementation("auto", dtype="bfloat16" if on_cuda else "float32")
     model = build_random_model(folder, dtype=dtype, device="cuda" if on_cuda else "cpu", attn_implementation=attn)
     if mode == "frozen_vision":
@@ -219,6 +224,7 @@ def _trl_config(args, attempt: dict, out_dir: Path, on_cuda: bool):
         num_generations=args.G, max_completion_length=args.completion, temperature=0.9,
         generation_kwargs=gen_kwargs, gradient_checkpointing=True, bf16=on_cuda, use_cpu=not on_cuda,
         use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=args.gpu_memory_utilization,
+        vllm_enable_sleep_mode=args.sleep and use_vllm,
         # Room to spare: a tight limit would cut completions short (vLLM stops a request at max_model_len).
         vllm_max_model_length=max(4096, 2 * (args.visual_tokens + args.text_tokens + args.completion)),
         logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
@@ -239,7 +245,7 @@ def run_attempt(args, attempt: dict) -> dict:
     processor = AutoProcessor.from_pretrained(str(folder))
     rows, shape = _dataset(args, processor)
     mode = attempt["train"]
-    model = _policy(folder, mode, on_cuda)
+    model = _policy(folder, mode, on_cuda, args.bf16_weights)
     rng = random.Random(0)
 
     def random_reward(completions, **kwargs):
@@ -275,6 +281,8 @@ def run_attempt(args, attempt: dict) -> dict:
         "setting": {"beta": args.beta, "gradient_checkpointing": True, "lora": mode == "lora",
                     "freeze_vision": mode in ("lora", "frozen_vision"),
                     "gpu_memory_utilization": args.gpu_memory_utilization, "ignore_eos": True,
+                    "weights": "bf16" if args.bf16_weights or mode == "lora" else "fp32 masters, bf16 autocast",
+                    "vllm_sleep_mode": args.sleep,
                     "generation_kwargs": trainer.args.generation_kwargs},
         "steps": steps, "trl_step_time_s": last.get("step_time"), "vllm_generate": GENERATIONS,
     }
