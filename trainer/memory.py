@@ -78,6 +78,9 @@ for _size in ("2B", "4B", "8B"):
 SKIP_CHECK_ENV = "SUZAK_SKIP_MEMORY_CHECK"
 # What an asleep (level 2) vLLM server keeps on the card: CUDA context, graph pools, NCCL/compile buffers.
 SERVER_ASLEEP_BYTES = 2.0 * GiB
+# What an awake server holds beyond its gpu_memory_utilization share (CUDA contexts of its processes, graph pools,
+# push buffers): measured on the H100 beside the 3B and 7B full-parameter learners (bench/RESULTS.md, issue 15).
+SERVER_BEYOND_SHARE_BYTES = 5.0 * GiB
 OFFLOAD_STAGING_BYTES = DEFAULT_BUCKET_BYTES  # trainer/offload.py streams the step in buckets of this size
 
 
@@ -345,7 +348,10 @@ def estimate_memory(cfg, num_params: int | ParamCounts | None = None, *, stage: 
         notes.append(f"reference weights in host RAM: {trainable * compute / GiB:.0f} GiB")
     server, server_awake = 0.0, 0.0
     if stage == "grpo" and cfg.server.url is None and device_total_bytes:
-        server = server_awake = cfg.server.gpu_memory_utilization * device_total_bytes
+        server = cfg.server.gpu_memory_utilization * device_total_bytes
+        # The generation phase is the peak of a sleeping-server run (measured); without sleep the update phase
+        # counts the share alone, which the LoRA runs' measured peaks bear out (bench/RESULTS.md).
+        server_awake = server + SERVER_BEYOND_SHARE_BYTES
         if cfg.server.sleep_during_update:
             server = SERVER_ASLEEP_BYTES
             notes.append("the server sleeps during the update (server.sleep_during_update)")

@@ -244,6 +244,30 @@ def test_full_parameter_fits_one_80gb_card_with_the_optimizer_in_host_ram(arch, 
     assert est.generation > 0 and est.total == max(est.update, est.generation)
 
 
+@pytest.mark.parametrize("key", ["full_step_3b", "full_step_7b"])
+def test_the_estimate_is_within_10_percent_of_the_peak_measured_on_the_h100(key, tmp_path, monkeypatch):
+    """bench/results.json holds the card's measured peak for the full-parameter reference step; the estimate the
+    bench prints for the same command must stay within 10% of it (issue 15's acceptance)."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    from bench import grpo_step
+    from bench.make_arch import make_arch
+
+    monkeypatch.setattr(memory, "host_memory_available", lambda: 120 * GiB)  # the H100 host
+    record = json.loads((Path(__file__).parents[2] / "bench" / "results.json").read_text())[key]
+    argv = shlex.split(record["command"].split("bench.grpo_step", 1)[1]) + ["--work", str(tmp_path)]
+    args = grpo_step.parse_args(argv)
+    folder = make_arch(tmp_path / "models" / args.arch, args.arch)
+    base = grpo_step.base_overrides(args, folder, tmp_path / "run", True)
+    mode, summary = grpo_step.choose_training(args, base, 79.18 * GiB)
+    estimate = summary["estimate_gib"][mode]
+    assert mode == "full" and summary["fits"]
+    assert abs(estimate - record["peak_gpu_gib"]) <= 0.10 * record["peak_gpu_gib"], (estimate, record["peak_gpu_gib"])
+    assert estimate == pytest.approx(record["estimate_gib"], abs=0.05)  # the record states the current estimate
+
+
 def test_offload_refusals_and_the_host_ram_check(monkeypatch):
     lora = load_config(None, ["model.lora.enabled=true"])
     assert "LoRA" in memory.offload_refusal(lora, "grpo", 1, "auto")
