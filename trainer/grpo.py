@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -98,6 +100,12 @@ def keep_informative_groups(rollouts: list[Rollout], prompts: list[PreparedPromp
     return kept_rollouts, [prompts[p] for p in kept], len(informative) / max(1, len(groups))
 
 
+def staleness_metrics(rollouts: list[Rollout], policy_version: int) -> dict[str, float]:
+    """How many updates behind the trained policy each rollout's generating version is (async_steps bounds it)."""
+    lags = [policy_version - r.policy_version for r in rollouts]
+    return {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags))}
+
+
 def learner_cpu_threads(cfg: RunConfig) -> int:
     """grpo.cpu_threads, or half the cores beside a local rollout server (see the field's docstring), or all."""
     import os
@@ -106,6 +114,16 @@ def learner_cpu_threads(cfg: RunConfig) -> int:
         return cfg.grpo.cpu_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // 2) if cfg.server.url is None else cores
+
+
+@dataclass
+class PendingBatch:
+    """The next step's batch while the server generates it (grpo.async_steps)."""
+
+    sampler_state: dict
+    """The prompt sampler before this batch was drawn: what a checkpoint taken meanwhile records."""
+    prompts: list[PreparedPrompt]
+    rollouts: Future
 
 
 class GRPOLearner:
@@ -144,6 +162,8 @@ class GRPOLearner:
         self.vision_ids = vision_token_ids(self.policy.model.config)
         self.sampler = PromptSampler(len(examples), cfg.seed, self.acc.process_index, self.acc.num_processes)
         self._prefetched: tuple[dict, list[PreparedPrompt]] | None = None  # (sampler state before, prompts)
+        self._pending: PendingBatch | None = None  # grpo.async_steps: the next batch, generating
+        self._pool = None
         self.ckpt = CheckpointManager(self.out_dir, cfg.checkpoint.keep_last, accelerator=self.acc)
         self.reward_fns = task.reward_functions(g.reward_mode)
         self.step_index, self.policy_version = 0, 0
@@ -228,11 +248,13 @@ class GRPOLearner:
 
     # ------------------------------------------------------------------ one step
 
-    def generate(self, prompts: list[PreparedPrompt]) -> list[Rollout]:
+    def generate(self, prompts: list[PreparedPrompt], step_index: int | None = None) -> list[Rollout]:
+        """The rollouts of step `step_index` (default: this one); its index seeds the server's sampling."""
         g = self.cfg.grpo
+        step_index = self.step_index if step_index is None else step_index
         req = generate_request(prompts, n=g.num_generations, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                max_tokens=g.max_completion_tokens, ignore_eos=g.ignore_eos,
-                               seed=self.cfg.seed * 1_000_003 + self.step_index * 1009 + self.acc.process_index)
+                               seed=self.cfg.seed * 1_000_003 + step_index * 1009 + self.acc.process_index)
         response = self.client.generate(req)
         return collect_rollouts(prompts, response, vision_token_ids=self.vision_ids)
 
@@ -254,14 +276,34 @@ class GRPOLearner:
         """Generate in a worker thread (it only waits on HTTP) while this thread prepares the next step's prompts,
         so their image processing hides behind the server's work.
         The sampler state from before that draw is what a checkpoint saves, so a resumed run redraws them."""
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(self.generate, prompts)
             if self.step_index + 1 < self.cfg.grpo.steps:
                 state = self.sampler.state_dict()
                 self._prefetched = (state, self._draw_and_prepare(count))
             return pending.result()
+
+    def _prompts_per_draw(self) -> int:
+        g = self.cfg.grpo
+        return math.ceil(max(1, g.prompts_per_step // self.acc.num_processes) * g.oversample)
+
+    def _start_next_generation(self, count: int) -> PendingBatch:
+        """grpo.async_steps: draw the next step's prompts and have the server generate them, with the weights it
+        serves now, while this thread runs the update."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="suzak-rollouts")
+        state = self.sampler.state_dict()
+        prompts = self._draw_and_prepare(count)
+        return PendingBatch(state, prompts, self._pool.submit(self.generate, prompts, self.step_index + 1))
+
+    def _resume_pending(self, saved: dict, count: int) -> None:
+        """Rebuild the batch a checkpoint was saved with: its prompts redrawn from the saved sampler state, its
+        rollouts as the server generated them (so the resumed run trains on the same, one-step-stale batch)."""
+        state = self.sampler.state_dict()
+        prompts = self._draw_and_prepare(count)
+        done: Future = Future()
+        done.set_result([Rollout(**r) for r in saved["rollouts"]])
+        self._pending = PendingBatch(state, prompts, done)
 
     def score(self, rollouts: list[Rollout], prompts: list[PreparedPrompt]) -> dict[str, float]:
         """Weighted sum of the task's reward functions; each function's mean is logged."""
@@ -310,7 +352,10 @@ class GRPOLearner:
         g = self.cfg.grpo
         batches = self._micro_batches(rollouts, prompts)
         need_old = g.num_iterations > 1 or g.mini_batches > 1
-        old = self._frozen_logps(batches, reference=False) if need_old else [None] * len(batches)
+        if g.async_steps:  # off-policy by one update: the ratio is against the version that generated the batch
+            old = [self._generating_logps(mb) for mb in batches]
+        else:
+            old = self._frozen_logps(batches, reference=False) if need_old else [None] * len(batches)
         ref = self._frozen_logps(batches, reference=True) if g.beta > 0 else [None] * len(batches)
         per_step = max(1, math.ceil(len(batches) / g.mini_batches))
         sums: dict[str, float] = {}
@@ -324,6 +369,13 @@ class GRPOLearner:
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         return {k: v / count for k, v in sums.items()}
+
+    def _generating_logps(self, mb: MicroBatch) -> torch.Tensor:
+        if mb.rollout_logps is None:
+            raise SuzakError("grpo.async_steps=1 takes the importance ratio against the server's log-probs, but the "
+                             "server returned none for some rollouts: use a suzak server (it always returns them) or "
+                             "set grpo.async_steps=0")
+        return mb.rollout_logps.to(self.device)
 
     def _optimizer_step(self, batches, olds, refs, rollouts) -> dict[str, float]:
         g = self.cfg.grpo
@@ -361,21 +413,31 @@ class GRPOLearner:
         g = self.cfg.grpo
         timer = Timer(cuda_sync=self.sync_phases)
         per_rank = max(1, g.prompts_per_step // self.acc.num_processes)
-        count = math.ceil(per_rank * g.oversample)
+        count = self._prompts_per_draw()
+        pending, self._pending = self._pending, None
         with timer("prepare"):
-            prompts = self._take_prompts(count)
-        with timer("generate"):
-            self.ensure_server_synced()
-            rollouts = self._generate_and_prefetch(prompts, count)
+            prompts = pending.prompts if pending is not None else self._take_prompts(count)
+        with timer("generate"):  # with async_steps: what is left of the generation started during the last update
+            if pending is not None:
+                rollouts = pending.rollouts.result()
+            else:
+                self.ensure_server_synced()
+                rollouts = self.generate(prompts) if g.async_steps else self._generate_and_prefetch(prompts, count)
+        metrics = staleness_metrics(rollouts, self.policy_version) if g.async_steps else {}
         with timer("reward"):
-            metrics = self.score(rollouts, prompts)
+            metrics.update(self.score(rollouts, prompts))
             if len(prompts) > per_rank:
                 rollouts, prompts, informative = keep_informative_groups(rollouts, prompts, per_rank)
                 metrics["groups/informative_generated"] = informative
             metrics.update(self.advantages(rollouts))
         with timer("update"):
+            if g.async_steps and self.step_index + 1 < g.steps:
+                self._pending = self._start_next_generation(count)
             with self.server_asleep():
                 metrics.update(self.update(rollouts, prompts))
+        if self._pending is not None:
+            with timer("generate_wait"):  # the server finishes the next batch before it takes the new weights
+                wait([self._pending.rollouts])
         self.step_index += 1
         self.policy_version += 1
         with timer("weight_sync"):
@@ -401,6 +463,9 @@ class GRPOLearner:
     def save(self) -> Path:
         sampler = self._prefetched[0] if self._prefetched is not None else self.sampler.state_dict()
         extra = {"step": self.step_index, "policy_version": self.policy_version, "sampler": sampler}
+        if self._pending is not None:  # async_steps: the next batch, already generated, is part of the state
+            extra["sampler"] = self._pending.sampler_state
+            extra["pending"] = {"rollouts": [asdict(r) for r in self._pending.rollouts.result()]}
         return self.ckpt.save(self.step_index, self.wrapped, self.optimizer, self.scheduler, extra)
 
     def resume(self) -> bool:
@@ -410,7 +475,9 @@ class GRPOLearner:
         extra = self.ckpt.load(latest, self.wrapped, self.optimizer, self.scheduler)
         self.step_index, self.policy_version = extra["step"], extra["policy_version"]
         self.sampler.load_state_dict(extra["sampler"])
-        self._prefetched = None
+        self._prefetched = self._pending = None
+        if extra.get("pending") is not None and self.cfg.grpo.async_steps:
+            self._resume_pending(extra["pending"], self._prompts_per_draw())
         log.info(f"resumed from {latest} (step {self.step_index}, policy version {self.policy_version})")
         return True
 
@@ -439,6 +506,10 @@ class GRPOLearner:
             log.info(f"interrupted at step {self.step_index}: saving a checkpoint")
             self.save()
             raise
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
 
     def export(self, out_dir: Path) -> Path:
         from trainer.export import export_hf

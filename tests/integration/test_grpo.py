@@ -176,3 +176,73 @@ def test_offloaded_optimizer_and_host_reference_match_the_resident_learner(setup
     for key in ("loss", "grad_norm", "kl", "reward/total"):
         assert abs(resident[key] - offloaded[key]) <= 1e-5 * max(1.0, abs(resident[key])), key
     assert (w_resident - w_offloaded).abs().max() <= 1e-6
+
+
+def _spy_losses(learner, monkeypatch):
+    """Record (learner log-probs, old log-probs, server log-probs, mask) of every loss call."""
+    from trainer import grpo
+
+    calls = []
+    policy_loss = grpo.grpo_loss.policy_loss
+
+    def spy(logps, old, adv, mask, **kw):
+        calls.append((logps.detach().clone(), None if old is None else old.clone(), kw["rollout_logps"].clone(),
+                      mask.clone(), learner.step_index))
+        return policy_loss(logps, old, adv, mask, **kw)
+
+    monkeypatch.setattr(grpo.grpo_loss, "policy_loss", spy)
+    return calls
+
+
+def test_async_overlap_trains_one_step_behind_with_the_ratio_against_the_generating_version(setup, monkeypatch):
+    """grpo.async_steps=1: step t+1's batch is generated during step t's update, by version t; the loss's old
+    log-probs are then the server's of that version, not the learner's current ones."""
+    learner = _learner(setup, setup.root / "async", grpo__steps=3, grpo__async_steps=1)
+    calls = _spy_losses(learner, monkeypatch)
+    learner.push_weights()
+    served = []
+    generate = learner.generate
+
+    def recording_generate(prompts, step_index=None):
+        served.append((learner.step_index if step_index is None else step_index, setup.client.info().policy_version))
+        return generate(prompts, step_index)
+
+    learner.generate = recording_generate
+    history = [learner.step() for _ in range(3)]
+    # Step 0 generates on-policy; steps 1 and 2 were generated during the previous update, by the version before it.
+    assert served == [(0, 0), (1, 0), (2, 1)]
+    assert [m["async/staleness_max"] for m in history] == [0.0, 1.0, 1.0]
+    assert all(m["time/generate_wait"] >= 0 for m in history[:2]) and "time/generate_wait" not in history[2]
+    for logps, old, server, mask, step in calls:
+        on = mask > 0
+        assert old is not None and torch_equal(old, server)  # the ratio's base: the generating version's log-probs
+        drift = (logps - old)[on].abs().mean().item()
+        if step == 0:
+            assert drift <= 1e-3  # on-policy, fp32 on both sides
+        else:
+            assert drift > 1e-3, drift  # one update behind: the learner's log-probs have moved
+    assert learner.policy_version == 3 == setup.client.info().policy_version
+
+
+def test_async_overlap_resumes_exactly_with_the_pending_batch(setup):
+    full_dir, resumed_dir = setup.root / "async-full", setup.root / "async-resumed"
+    full = _learner(setup, full_dir, grpo__steps=3, grpo__async_steps=1)
+    full.push_weights()
+    for _ in range(2):
+        full.step()
+    full.save()  # the third step's batch is generated already (by version 1): the checkpoint holds it
+    expected = full.step()
+    shutil.copytree(full_dir / "checkpoints", resumed_dir / "checkpoints")
+    resumed = _learner(setup, resumed_dir, grpo__steps=3, grpo__async_steps=1)
+    assert resumed.resume() and resumed.step_index == 2 and resumed._pending is not None
+    resumed.push_weights()
+    again = resumed.step()
+    assert again["async/staleness_max"] == expected["async/staleness_max"] == 1.0
+    for key in ("loss", "grad_norm", "reward/total", "completion_len"):
+        assert abs(again[key] - expected[key]) <= 1e-5 * max(1.0, abs(expected[key])), (key, expected[key], again[key])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a.to(b.device), b))

@@ -118,3 +118,11 @@ def test_learner_cpu_threads_leave_half_the_cores_to_a_local_server(monkeypatch)
     assert learner_cpu_threads(load_config(None, [])) == 4  # the pipeline starts the server on this host
     assert learner_cpu_threads(load_config(None, ["server.url=http://gpu-box:8000"])) == 8
     assert learner_cpu_threads(load_config(None, ["grpo.cpu_threads=3"])) == 3
+
+
+def test_async_overlap_refuses_a_server_that_sleeps_during_the_update():
+    assert load_config(None, ["grpo.async_steps=1"]).grpo.async_steps == 1
+    with pytest.raises(SuzakError, match="server.sleep_during_update=false"):
+        load_config(None, ["grpo.async_steps=1", "server.sleep_during_update=true"])
+    with pytest.raises(SuzakError, match="async_steps"):
+        load_config(None, ["grpo.async_steps=2"])  # one step of staleness at most
