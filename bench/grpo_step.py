@@ -38,10 +38,10 @@ import time
 from pathlib import Path
 
 from bench.common import GiB, checkout_pythonpath, nvidia_smi, run_and_emit, versions
+from bench.flops import H100_BF16_PEAK, Dims, real_mfu
 from bench.make_arch import ARCH_CHOICES, arch_factor, has_weights, install_random_init_loader, make_arch
 from suzak.errors import SuzakError
 
-H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, datasheet (PERF-FLOOR.md)
 TRAIN_MODES = ("auto", "full", "frozen_vision", "lora")
 FILLER = ("Count every object in the scene, including the small ones partly hidden behind larger ones, and say "
           "how many there are in total. ")
@@ -587,6 +587,9 @@ def build_result(args, ctx, records, params, shape, memory, startup, push) -> di
                  "weights": "saved random" if has_weights(model_dir) else "random: vLLM dummy, learner random init",
                  "ignore_eos": True, "overrides": args.overrides},
         steps=records, versions=versions(), run_dir=str(ctx["run_dir"]))
+    if on_cuda:  # FLOPs as computed (shared rows, recompute, reference pass, generation), beside verl's 6N credit
+        dims = Dims.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+        result.update(real_mfu(dims, result, args.peak_flops))
     return result
 
 
