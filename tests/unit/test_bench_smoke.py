@@ -197,6 +197,20 @@ def test_grpo_step_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert result["unshared"]["tokens_per_step"] == result["tokens_per_step"]
 
 
+def test_learner_step_updates_without_a_server_and_profiles(tmp_path, capsys, monkeypatch):
+    from bench import learner_step
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert learner_step.main(["--arch", "tiny", "--prompts", "2", "--G", "2", "--completion", "8", "--steps", "1",
+                              "--warmup", "0", "--visual-tokens", "16", "--text-tokens", "40", "--profile",
+                              "--work", str(tmp_path / "work")]) == 0
+    result = json.loads((tmp_path / "out" / "learner_step_tiny.json").read_text())
+    assert result["update_s"] > 0 and result["learner_flops"] > 0 and result["share_prompt"] is True
+    assert [u["warmup"] for u in result["updates"]] == [False] and result["updates"][0]["grad_norm"] > 0
+    assert result["profile"]["top_device"] and (tmp_path / "out" / "learner_step_trace.json").is_file()
+    assert "aten::" in capsys.readouterr().out  # the profiler's table
+
+
 def test_scaling_points_vary_one_quantity_at_a_time_and_plot(tmp_path):
     from bench import scaling
 

@@ -1,0 +1,151 @@
+"""The learner's update alone, no rollout server: time it, and optionally profile where its time goes.
+
+    python -m bench.learner_step --arch 3b --train full --prompts 16 --steps 2 --warmup 1 [--profile]
+    python -m bench.learner_step --arch tiny --prompts 2 --G 2 --completion 8 --steps 1 --warmup 0    # CPU smoke
+
+The same learner as bench.grpo_step (GRPOLearner.update: the reference pass, the loss's forward and backward with
+gradient checkpointing, the optimizer, offloaded or not), fed rollouts of exactly --completion random tokens per
+completion instead of a server's, at the reference shape. Without a server it starts in seconds, so learner
+changes can be compared on the device cheaply. --profile wraps one timed update in torch.profiler and prints the
+top operators by device time and by host time (and writes a Chrome trace to $OUT when set).
+Prints `RESULT {json}` (also $OUT/learner_step_<arch>.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from bench import grpo_step
+from bench.common import GiB, run_and_emit, versions
+from bench.flops import Dims, grpo_step_flops
+
+
+class NoServer:
+    """The learner's client when there is no server: the update never calls it."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"bench.learner_step has no rollout server (the learner called client.{name})")
+
+
+def fake_rollouts(learner, prompts, G: int, completion: int, seed: int = 0) -> list:
+    """G completions of exactly `completion` random ordinary tokens per prompt, with random rewards."""
+    from trainer.rollouts import Rollout
+
+    rng = random.Random(seed)
+    special = set(learner.vision_ids) | {learner.pad_id}
+    n = learner.hf_model.get_input_embeddings().num_embeddings  # ordinary tokens sit below the special ones
+    vocab = [t for t in range(min(1000, n // 4), min(30000, n // 2)) if t not in special]
+    rollouts = []
+    for p in range(len(prompts)):
+        for _ in range(G):
+            ids = [rng.choice(vocab) for _ in range(completion)]
+            rollouts.append(Rollout(p, ids, "", None, "length", learner.policy_version, reward=rng.random()))
+    learner.advantages(rollouts)
+    return rollouts
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_update(learner, rollouts, prompts) -> dict:
+    learner.logprob_seconds = 0.0
+    _sync()
+    start = time.perf_counter()
+    metrics = learner.update(rollouts, prompts)
+    _sync()
+    record = {"update_s": round(time.perf_counter() - start, 3), "logprobs_s": round(learner.logprob_seconds, 3),
+              "loss": metrics.get("loss"), "grad_norm": metrics.get("grad_norm")}
+    if getattr(learner.optimizer, "last_step_s", None) is not None:
+        record["host_optimizer_s"] = round(learner.optimizer.last_step_s, 3)
+    return record
+
+
+def profile_update(learner, rollouts, prompts, rows: int = 25) -> dict:
+    """One update under torch.profiler: the top operators by device and by host self time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        record = timed_update(learner, rollouts, prompts)
+    events = prof.key_averages()
+    device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(events.table(sort_by=device_key, row_limit=rows), flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(os.environ["OUT"]) / "learner_step_trace.json"))
+
+    def top(key: str) -> list[dict]:
+        ranked = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:rows]
+        return [{"name": e.key, "ms": round(getattr(e, key, 0.0) / 1e3, 1), "calls": e.count} for e in ranked]
+
+    return {"profiled_update": record, "top_device": top(device_key), "top_host": top("self_cpu_time_total")}
+
+
+def run(args) -> dict:
+    from suzak.models import load_processor
+    from suzak.tasks import get_task
+
+    grpo_step.install_random_init_loader()
+    # No server: none to put to sleep, and none sharing the card (a server.url keeps it out of the memory check).
+    args.overrides = [*args.overrides, "server.sleep_during_update=false", "server.url=http://127.0.0.1:9"]
+    ctx = grpo_step.prepare(args)
+    cfg = ctx["cfg"]
+    task = grpo_step.RandomRewardTask(get_task(cfg.data.task), seed=cfg.seed)
+    processor = load_processor(ctx["model_dir"], min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+    examples, shape = grpo_step.make_examples(args, processor, task)
+    t0 = time.perf_counter()
+    learner = grpo_step.build_learner(cfg, task, examples, NoServer(), ctx["run_dir"] / "grpo")
+    build_s = time.perf_counter() - t0
+    prompts = learner._draw_and_prepare(args.prompts)
+    rollouts = fake_rollouts(learner, prompts, args.G, args.completion, seed=cfg.seed)
+    records = []
+    for i in range(args.warmup + args.steps):
+        record = dict(timed_update(learner, rollouts, prompts), warmup=i < args.warmup)
+        records.append(record)
+        print(f"[learner] update {i + 1}/{args.warmup + args.steps}{' (warm-up)' if record['warmup'] else ''}: "
+              f"{record}", flush=True)
+    result = {"bench": "learner_step", "arch": args.arch, "device": ctx["device_name"], "train": ctx["mode"],
+              "learner_build_s": round(build_s, 1), "updates": records, "versions": versions()}
+    timed = [r for r in records if not r["warmup"]] or records
+    update_s = sum(r["update_s"] for r in timed) / len(timed)
+    prompt_tokens = sum(len(p.input_ids) for p in prompts) / len(prompts)
+    dims = Dims.from_config(json.loads((Path(ctx["model_dir"]) / "config.json").read_text()))
+    flops = grpo_step_flops(dims, prompts=args.prompts, G=args.G, prompt_tokens=round(prompt_tokens),
+                            visual_tokens=args.visual_tokens, completion=args.completion, train=ctx["mode"],
+                            beta=cfg.grpo.beta, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                            share_prompt=learner.share_prompt)["learner"]
+    result.update(update_s=round(update_s, 3), learner_flops=flops, share_prompt=learner.share_prompt,
+                  shape={"prompts": args.prompts, "G": args.G, "completion_tokens": args.completion,
+                         "prompt_tokens": round(prompt_tokens), **shape},
+                  micro_batch_tokens=cfg.grpo.micro_batch_tokens, overrides=args.overrides)
+    if ctx["device_total"] is not None:
+        import torch
+
+        result.update(real_mfu_learner=round(flops / update_s / args.peak_flops, 4),
+                      max_allocated_gib=round(torch.cuda.max_memory_allocated() / GiB, 2))
+    if args.profile:
+        result["profile"] = profile_update(learner, rollouts, prompts)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    profile = "--profile" in argv
+    args = grpo_step.parse_args([a for a in argv if a != "--profile"])
+    args.profile = profile
+    return run_and_emit("learner", lambda: run(args), f"learner_step_{args.arch}.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
