@@ -15,6 +15,7 @@ instead of carriage-return redraws.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -57,6 +58,10 @@ def setup_logging(level: int = logging.INFO, stream=None) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    if not getattr(stream or sys.stderr, "isatty", lambda: False)():
+        # transformers' and the hub's own tqdm bars ("Loading weights") would write carriage returns into a
+        # redirected log; the hub reads this when first imported, which the CLI has not done yet.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def get_logger(name: str = "") -> logging.Logger:

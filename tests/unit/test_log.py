@@ -69,3 +69,16 @@ def test_setup_logging_is_idempotent(capsys):
     setup_logging()
     get_logger("x").info("once")
     assert capsys.readouterr().out.count("once") == 1
+
+
+def test_a_redirected_run_switches_off_the_libraries_own_progress_bars():
+    """transformers' "Loading weights" bar (tqdm) writes carriage returns; redirected, setup_logging turns it off."""
+    code = ("import os; os.environ.pop('HF_HUB_DISABLE_PROGRESS_BARS', None)\n"
+            "from suzak.log import setup_logging; setup_logging()\n"
+            "from transformers.utils import logging as hf_logging; print(hf_logging.is_progress_bar_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+    plain = "from transformers.utils import logging as hf_logging; print(hf_logging.is_progress_bar_enabled())"
+    env_free = subprocess.run([sys.executable, "-c", "import os; os.environ.pop('HF_HUB_DISABLE_PROGRESS_BARS', None)"
+                               "\n" + plain], capture_output=True, text=True, timeout=120)
+    assert env_free.stdout.strip() == "True"  # without suzak's setup the bars are on: the check above could fail
