@@ -143,9 +143,24 @@ GENERATIONS: list[dict] = []
 """What TRL's colocated vLLM was asked and answered, per generate call (its completion lengths are reported)."""
 
 
-def _probe_trl_vllm_generate() -> None:
-    """Record prompt and completion lengths, finish reasons and max_tokens of every vLLM generate TRL makes:
-    a run on the H100 logged 1-token completions (mean_length 1, clipped_ratio 1) without saying why."""
+def collapse_expanded_images(prompt: dict, image_token_id: int) -> tuple[dict, int]:
+    """A TRL vLLM prompt with each run of image-pad tokens cut back to one pad, and how many pads were dropped.
+
+    TRL 1.16 (vllm_mode colocate) hands vLLM `prompt_token_ids` in which each image is already expanded into its
+    N pads, together with the image. vLLM's Qwen2-VL prompt update (vllm/model_executor/models/qwen2_vl.py: target
+    `[<|image_pad|>]`, one match per image) then expands the first pad into N again and keeps the other N - 1 as
+    text, a prompt the trainer never scores (bench/RESULTS.md, issue 15). With one pad per image vLLM builds the
+    trainer's prompt exactly (tests/unit/test_bench_smoke.py checks both with vLLM's own processor)."""
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+    if ids is None or "multi_modal_data" not in prompt:
+        return prompt, 0
+    kept = [t for i, t in enumerate(ids) if not (t == image_token_id and i > 0 and ids[i - 1] == image_token_id)]
+    return {**prompt, "prompt_token_ids": kept}, len(ids) - len(kept)
+
+
+def _probe_trl_vllm_generate(image_token_id: int) -> None:
+    """Record prompt and completion lengths, finish reasons and max_tokens of every vLLM generate TRL makes (a run
+    on the H100 logged 1-token completions without saying why), after collapse_expanded_images."""
     import trl.generation.vllm_generation as vg
 
     llm_class = vg.LLM
@@ -155,10 +170,13 @@ def _probe_trl_vllm_generate() -> None:
         generate = llm.generate
 
         def probed_generate(prompts, sampling_params=None, *ga, **gkw):
+            fixed = [collapse_expanded_images(p, image_token_id) for p in prompts]
+            prompts = [p for p, _ in fixed]
             outputs = generate(prompts, sampling_params, *ga, **gkw)
             params = sampling_params[0] if isinstance(sampling_params, list) else sampling_params
             record = {"requests": len(outputs), "max_tokens": getattr(params, "max_tokens", None),
                       "ignore_eos": getattr(params, "ignore_eos", None), "max_model_len": kw.get("max_model_len"),
+                      "image_pads_dropped_per_prompt": sorted({n for _, n in fixed})[:5],
                       "prompt_len": sorted({len(o.prompt_token_ids or []) for o in outputs})[:5],
                       "completion_len": sorted({len(c.token_ids) for o in outputs for c in o.outputs})[:5],
                       "finish": sorted({str(c.finish_reason) for o in outputs for c in o.outputs})}
@@ -241,8 +259,8 @@ def run_attempt(args, attempt: dict) -> dict:
     on_cuda = torch.cuda.is_available()
     folder = make_arch(args.work / "models" / args.arch, args.arch)
     _patch_trl_for_random_weights(folder)
-    _probe_trl_vllm_generate()
     processor = AutoProcessor.from_pretrained(str(folder))
+    _probe_trl_vllm_generate(processor.image_token_id)
     rows, shape = _dataset(args, processor)
     mode = attempt["train"]
     model = _policy(folder, mode, on_cuda, args.bf16_weights)

@@ -228,3 +228,40 @@ def test_scaling_points_vary_one_quantity_at_a_time_and_plot(tmp_path):
     assert scaling.table(result).count("\n") == len(pts) + 1
     png = scaling.plot(result, tmp_path / "scaling.png")
     assert png.stat().st_size > 10_000
+
+
+@pytest.mark.vllm
+def test_trl_prompts_collapsed_to_one_image_pad_reach_vllm_as_the_trainer_sees_them(tmp_path):
+    """TRL hands vLLM token ids with each image already expanded; vLLM's own Qwen2.5-VL processor expands the
+    first pad again (the prompt grows by N - 1). Collapsed to one pad, vLLM builds the trainer's prompt exactly."""
+    import inspect
+
+    from PIL import Image
+    from transformers import AutoProcessor
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing.context import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+
+    from bench.trl_baseline import collapse_expanded_images
+
+    folder = make_arch.make_arch(tmp_path / "tiny", "tiny")
+    processor = AutoProcessor.from_pretrained(str(folder))
+    image = Image.new("RGB", (448, 224))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many objects?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    trainer_ids = list(processor(text=[text], images=[image])["input_ids"][0])
+    pads = trainer_ids.count(processor.image_token_id)
+    vllm_processor = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=str(folder), dtype="float32"))
+    parse = getattr(vllm_processor.info, "parse_mm_data", None) or vllm_processor.data_parser.parse_mm_data
+
+    def vllm_prompt(ids: list[int]) -> list[int]:
+        kw = {"timing_ctx": TimingContext()} if "timing_ctx" in inspect.signature(vllm_processor.apply).parameters \
+            else {}
+        out = vllm_processor.apply(ProcessorInputs(prompt=ids, mm_data_items=parse({"image": image})), **kw)
+        return out["prompt_token_ids"] if isinstance(out, dict) else out.prompt_token_ids
+
+    assert pads > 1 and len(vllm_prompt(trainer_ids)) == len(trainer_ids) + pads - 1  # what TRL's vLLM generates from
+    collapsed, dropped = collapse_expanded_images({"prompt_token_ids": trainer_ids, "multi_modal_data": {}},
+                                                  processor.image_token_id)
+    assert dropped == pads - 1 and list(vllm_prompt(collapsed["prompt_token_ids"])) == trainer_ids
