@@ -118,3 +118,22 @@ def test_learner_cpu_threads_leave_half_the_cores_to_a_local_server(monkeypatch)
     assert learner_cpu_threads(load_config(None, [])) == 4  # the pipeline starts the server on this host
     assert learner_cpu_threads(load_config(None, ["server.url=http://gpu-box:8000"])) == 8
     assert learner_cpu_threads(load_config(None, ["grpo.cpu_threads=3"])) == 3
+
+
+def test_local_cpu_server_takes_the_cores_the_learner_leaves(monkeypatch):
+    import os
+
+    import torch
+
+    from vllm_server.client import local_server_cpu_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_server_cpu_threads(load_config(None, [])) == 4
+    assert local_server_cpu_threads(load_config(None, ["grpo.cpu_threads=6"])) == 2
+    assert local_server_cpu_threads(load_config(None, ["grpo.cpu_threads=8"])) == 1  # never none
+    assert local_server_cpu_threads(load_config(None, ["server.cpu_threads=3"])) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert local_server_cpu_threads(load_config(None, [])) == 1  # this project's 2-core machine: 1 + 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert local_server_cpu_threads(load_config(None, [])) == 0  # a GPU server: vLLM's own layout
