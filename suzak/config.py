@@ -281,6 +281,12 @@ class ServerConfig(Section):
     """TCP port of the NCCL weight-transfer rendezvous."""
     bucket_mb: int = Field(1024, ge=1)
     """Bucket size for packed weight pushes, in MiB."""
+    cpu_threads: int = Field(0, ge=0)
+    """Threads of a rollout server's model on a CPU host (no effect on a GPU). N > 0: the model runs inside vLLM's
+    engine-core process (its one-process executor) on N threads, instead of in a worker process of its own bound
+    to every core but one: one process fewer to start, and no shared-memory queue between the two, whose readers
+    busy-poll for a second after each message. 0: a local server that the pipeline starts beside a CPU learner
+    gets the cores the learner leaves (see grpo.cpu_threads); `suzak serve` on its own keeps vLLM's layout."""
     start_during_sft: bool | Literal["auto"] = False
     """Start the pipeline's local rollout server when SFT starts, on the base weights, and hand it the SFT weights
     when SFT ends: its start-up then overlaps SFT. Costs the server's memory (gpu_memory_utilization) during SFT.

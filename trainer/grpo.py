@@ -347,6 +347,15 @@ class GRPOLearner:
                     out.append(completion_logps(model, mb, self.cfg.grpo.temperature, self.device))
         return out
 
+    def _reference_beside(self) -> bool:
+        """Whether the reference log-probs can run on a thread of their own beside the policy's forward and backward:
+        a CPU learner on one intra-op thread with a frozen reference copy (a reference swapped into the policy, or
+        LoRA's adapters switched off, is the policy's own module). Every op then runs single-threaded on the thread
+        that calls it, exactly as in sequence, while the second thread takes a core that would sit idle: beside a
+        local server the learner has half the cores, and the server's half waits during the update."""
+        return (self.device.type == "cpu" and torch.get_num_threads() == 1 and self.policy.ref_model is not None
+                and self.acc.num_processes == 1)
+
     def update(self, rollouts: list[Rollout], prompts: list[PreparedPrompt]) -> dict[str, float]:
         """num_iterations passes of mini_batches optimizer steps over this rollout batch."""
         g = self.cfg.grpo
@@ -356,18 +365,24 @@ class GRPOLearner:
             old = [self._generating_logps(mb) for mb in batches]
         else:
             old = self._frozen_logps(batches, reference=False) if need_old else [None] * len(batches)
-        ref = self._frozen_logps(batches, reference=True) if g.beta > 0 else [None] * len(batches)
-        per_step = max(1, math.ceil(len(batches) / g.mini_batches))
-        sums: dict[str, float] = {}
-        count = 0
-        for _ in range(g.num_iterations):
-            for start in range(0, len(batches), per_step):
-                chunk = list(range(start, min(start + per_step, len(batches))))
-                metrics = self._optimizer_step([batches[i] for i in chunk], [old[i] for i in chunk],
-                                               [ref[i] for i in chunk], rollouts)
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
+        with ThreadPoolExecutor(max_workers=1) if g.beta > 0 and self._reference_beside() else nullcontext() as pool:
+            if g.beta <= 0:
+                ref = [None] * len(batches)
+            elif pool is None:
+                ref = self._frozen_logps(batches, reference=True)
+            else:  # futures, one per micro-batch: each is waited for only where its loss needs it
+                ref = [pool.submit(self._frozen_logps, [mb], True) for mb in batches]
+            per_step = max(1, math.ceil(len(batches) / g.mini_batches))
+            sums: dict[str, float] = {}
+            count = 0
+            for _ in range(g.num_iterations):
+                for start in range(0, len(batches), per_step):
+                    chunk = list(range(start, min(start + per_step, len(batches))))
+                    metrics = self._optimizer_step([batches[i] for i in chunk], [old[i] for i in chunk],
+                                                   [ref[i] for i in chunk], rollouts)
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
         return {k: v / count for k, v in sums.items()}
 
     def _generating_logps(self, mb: MicroBatch) -> torch.Tensor:
@@ -387,6 +402,8 @@ class GRPOLearner:
             with micro_batch_context(self.acc, self.wrapped, last=i == len(batches) - 1):
                 with self.acc.autocast():
                     logps = self.wrapped(mb, g.temperature)
+                if isinstance(ref, Future):
+                    ref = ref.result()[0]  # computed beside this forward (see _reference_beside)
                 loss, metrics = grpo_loss.policy_loss(
                     logps, old, adv, mb.completion_mask.to(self.device), loss_type=g.loss_type, beta=g.beta,
                     ref_logps=ref, eps_low=g.eps_low, eps_high=g.eps_high,

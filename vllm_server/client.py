@@ -329,6 +329,7 @@ def spawn_local_server(cfg: RunConfig, log_path: str | Path, *,
     port = free_port()
     server_cfg = cfg.model_copy(deep=True)
     server_cfg.server.host, server_cfg.server.port, server_cfg.server.url = "127.0.0.1", port, None
+    server_cfg.server.cpu_threads = local_server_cpu_threads(cfg)
     config_path = save_config(server_cfg, log_path.parent, name="server_config.yaml")
     cmd = [sys.executable, "-m", "suzak", "serve", "--config", str(config_path)]
     # The server stops when this process dies, even by kill -9 (vllm_server/app.py watches the parent pid).
@@ -339,6 +340,21 @@ def spawn_local_server(cfg: RunConfig, log_path: str | Path, *,
                                    start_new_session=True)
     _write_pid_file(log_path.parent, process.pid, config_path)
     return process, f"http://127.0.0.1:{port}"
+
+
+def local_server_cpu_threads(cfg: RunConfig) -> int:
+    """server.cpu_threads of a local server beside this process's learner: as set, else on a host without a GPU
+    the cores the learner leaves it (grpo.cpu_threads, or half the cores: trainer.grpo.learner_cpu_threads), else
+    0 (a GPU server: the setting does nothing there)."""
+    if cfg.server.cpu_threads:
+        return cfg.server.cpu_threads
+    import torch
+
+    if torch.cuda.is_available():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    learner = cfg.grpo.cpu_threads or max(1, cores // 2)
+    return max(1, cores - learner)
 
 
 PID_FILE = "server.pid"

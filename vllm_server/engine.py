@@ -408,6 +408,8 @@ class VLLMEngine(Engine):
             # A chunked (partial) prefill makes vLLM rewind the request's seeded generator, which CPU generators
             # cannot do ("CPU Generator does not use offset"): prefill whole prompts instead.
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(srv.max_model_len, 16384))
+            if srv.cpu_threads:
+                self._model_in_engine_process(srv.cpu_threads, kwargs)
         if self.backend is not None:
             from vllm.config.weight_transfer import WeightTransferConfig
 
@@ -441,13 +443,27 @@ class VLLMEngine(Engine):
             self.gpu_uuids = self._gpu_uuids(current_platform)
 
     @staticmethod
-    def _frontend_single_threaded() -> None:
+    def _model_in_engine_process(threads: int, kwargs: dict[str, Any]) -> None:
+        """server.cpu_threads: run the model in vLLM's engine-core process (the one-process executor) on `threads`
+        threads. vLLM's CPU platform replaces that executor with its multi-process one unless V1 multiprocessing is
+        off; under AsyncLLM that switch changes only this choice (the engine core stays a process of its own). The
+        engine-core process takes its threads from OMP_NUM_THREADS, which vLLM sets to at most this process's torch
+        threads when it starts it (its CPU worker then pins torch.set_num_threads)."""
+        import torch
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+        kwargs["distributed_executor_backend"] = "uni"
+
+    def _frontend_single_threaded(self) -> None:
         """This process only renders prompts (image processing on arrays of a few hundred KB) while the model runs in
         vLLM's engine-core process; a thread pool here loses to its wake-ups, and on a CPU host it fights the
-        engine's threads for the cores. In-process engines (multiprocessing off) keep their threads."""
+        engine's threads for the cores. In-process engines (multiprocessing off, not server.cpu_threads) keep
+        their threads."""
         import vllm.envs as envs
 
-        if envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+        if envs.VLLM_ENABLE_V1_MULTIPROCESSING or self.cfg.server.cpu_threads:
             import torch
 
             torch.set_num_threads(1)

@@ -126,3 +126,22 @@ def test_async_overlap_refuses_a_server_that_sleeps_during_the_update():
         load_config(None, ["grpo.async_steps=1", "server.sleep_during_update=true"])
     with pytest.raises(SuzakError, match="async_steps"):
         load_config(None, ["grpo.async_steps=2"])  # one step of staleness at most
+
+
+def test_local_cpu_server_takes_the_cores_the_learner_leaves(monkeypatch):
+    import os
+
+    import torch
+
+    from vllm_server.client import local_server_cpu_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_server_cpu_threads(load_config(None, [])) == 4
+    assert local_server_cpu_threads(load_config(None, ["grpo.cpu_threads=6"])) == 2
+    assert local_server_cpu_threads(load_config(None, ["grpo.cpu_threads=8"])) == 1  # never none
+    assert local_server_cpu_threads(load_config(None, ["server.cpu_threads=3"])) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert local_server_cpu_threads(load_config(None, [])) == 1  # this project's 2-core machine: 1 + 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert local_server_cpu_threads(load_config(None, [])) == 0  # a GPU server: vLLM's own layout
