@@ -204,6 +204,7 @@ def test_a_push_that_fails_after_the_update_logs_the_step_before_the_error(tmp_p
     learner.cfg = load_config(None, [f"out_dir={tmp_path}", "grpo.steps=4", "checkpoint.every_steps=2",
                                      "checkpoint.resume=false"])
     learner.step_index, learner.policy_version, learner.push_error, learner.eval_hook = 0, 0, None, None
+    learner._pool = None  # grpo.async_steps' generation thread: none started
     learner.acc = SimpleNamespace(is_main_process=True, num_processes=1)
     pushes, saved = [], []
 
