@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from suzak.config import RunConfig
+from suzak.cpu import learner_cpu_threads
 from suzak.errors import SuzakError
 from suzak.log import get_logger
 from suzak.tasks import Example, Task
@@ -104,16 +105,6 @@ def staleness_metrics(rollouts: list[Rollout], policy_version: int) -> dict[str,
     """How many updates behind the trained policy each rollout's generating version is (async_steps bounds it)."""
     lags = [policy_version - r.policy_version for r in rollouts]
     return {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags))}
-
-
-def learner_cpu_threads(cfg: RunConfig) -> int:
-    """grpo.cpu_threads, or half the cores beside a local rollout server (see the field's docstring), or all."""
-    import os
-
-    if cfg.grpo.cpu_threads:
-        return cfg.grpo.cpu_threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // 2) if cfg.server.url is None else cores
 
 
 @dataclass

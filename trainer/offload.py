@@ -18,12 +18,12 @@ weights go up on a second stream while the host moves on.
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager, nullcontext
 
 import torch
 
+from suzak.cpu import usable_cores
 from suzak.errors import SuzakError
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2  # bytes of one streamed bucket: a power of two, so pinning wastes nothing
@@ -123,8 +123,7 @@ class HostAdamW(torch.optim.AdamW):
         self._momentum: dict[int, torch.Tensor] = {}  # chunk index -> compressed exp_avg between steps
         self.buckets = self._cut_buckets(bucket_numel)
         self.last_step_s: float | None = None
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.threads = threads or cores
+        self.threads = threads or usable_cores()
         # Pinned buffers are one bucket exactly (a power of two: no rounding waste); host-only ones just fit.
         size = bucket_numel if self.on_cuda else max(sum(self.chunks[i].numel for i in b) for b in self.buckets)
         self._grads = [_pinned(size, params[0].dtype, self.on_cuda) for _ in range(2)]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from suzak import wire
+from suzak.cpu import local_server_cpu_threads
 from suzak.errors import SuzakError
 from suzak.files import write_atomic
 from suzak.prompts import fit_images
@@ -340,21 +341,6 @@ def spawn_local_server(cfg: RunConfig, log_path: str | Path, *,
                                    start_new_session=True)
     _write_pid_file(log_path.parent, process.pid, config_path)
     return process, f"http://127.0.0.1:{port}"
-
-
-def local_server_cpu_threads(cfg: RunConfig) -> int:
-    """server.cpu_threads of a local server beside this process's learner: as set, else on a host without a GPU
-    the cores the learner leaves it (grpo.cpu_threads, or half the cores: trainer.grpo.learner_cpu_threads), else
-    0 (a GPU server: the setting does nothing there)."""
-    if cfg.server.cpu_threads:
-        return cfg.server.cpu_threads
-    import torch
-
-    if torch.cuda.is_available():
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    learner = cfg.grpo.cpu_threads or max(1, cores // 2)
-    return max(1, cores - learner)
 
 
 PID_FILE = "server.pid"

@@ -112,7 +112,7 @@ def test_cli_config_error_exit_code():
 def test_learner_cpu_threads_leave_half_the_cores_to_a_local_server(monkeypatch):
     import os
 
-    from trainer.grpo import learner_cpu_threads
+    from suzak.cpu import learner_cpu_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert learner_cpu_threads(load_config(None, [])) == 4  # the pipeline starts the server on this host
@@ -133,7 +133,7 @@ def test_local_cpu_server_takes_the_cores_the_learner_leaves(monkeypatch):
 
     import torch
 
-    from vllm_server.client import local_server_cpu_threads
+    from suzak.cpu import local_server_cpu_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
