@@ -33,6 +33,14 @@ def emit_result(result: dict, name: str) -> None:
         target.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def cuda_sync() -> None:
+    """Wait for the GPU's queued work (nothing on a CPU run), so a clock reads the work's own time."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def checkout_pythonpath() -> str:
     """PYTHONPATH for a child process (`python -m suzak serve`, `python -m bench.x`) that must import this
     checkout from any working directory."""

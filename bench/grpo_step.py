@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import GiB, checkout_pythonpath, nvidia_smi, run_and_emit, versions
+from bench.common import GiB, checkout_pythonpath, cuda_sync, nvidia_smi, run_and_emit, versions
 from bench.flops import H100_BF16_PEAK, Dims, real_mfu
 from bench.make_arch import ARCH_CHOICES, arch_factor, has_weights, install_random_init_loader, make_arch
 from suzak.errors import SuzakError
@@ -247,21 +247,14 @@ def build_learner(cfg, task, examples, client, out_dir: Path):
         logprob_seconds = 0.0
 
         def _frozen_logps(self, *a, **kw):
-            _cuda_sync()
+            cuda_sync()
             start = time.perf_counter()
             out = super()._frozen_logps(*a, **kw)
-            _cuda_sync()
+            cuda_sync()
             self.logprob_seconds += time.perf_counter() - start
             return out
 
     return BenchLearner(cfg, task, examples, client, out_dir, sync_phases=True)
-
-
-def _cuda_sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------------------------- GPU memory
@@ -403,10 +396,10 @@ def time_steps(args, learner, client, *, warmup: int | None = None, steps: int |
         if i == warmup and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         learner.logprob_seconds = 0.0
-        _cuda_sync()
+        cuda_sync()
         start = time.perf_counter()
         metrics = learner.step()
-        _cuda_sync()
+        cuda_sync()
         record = _step_record(metrics, time.perf_counter() - start, client.last_tokens, learner.logprob_seconds)
         if getattr(learner.optimizer, "last_step_s", None) is not None:
             record["phases_s"]["host_optimizer"] = round(learner.optimizer.last_step_s, 3)  # inside "update"

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench import grpo_step
-from bench.common import GiB, run_and_emit, versions
+from bench.common import GiB, cuda_sync, run_and_emit, versions
 from bench.flops import Dims, grpo_step_flops
 
 
@@ -49,19 +49,12 @@ def fake_rollouts(learner, prompts, G: int, completion: int, seed: int = 0) -> l
     return rollouts
 
 
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def timed_update(learner, rollouts, prompts) -> dict:
     learner.logprob_seconds = 0.0
-    _sync()
+    cuda_sync()
     start = time.perf_counter()
     metrics = learner.update(rollouts, prompts)
-    _sync()
+    cuda_sync()
     record = {"update_s": round(time.perf_counter() - start, 3), "logprobs_s": round(learner.logprob_seconds, 3),
               "loss": metrics.get("loss"), "grad_norm": metrics.get("grad_norm")}
     if getattr(learner.optimizer, "last_step_s", None) is not None:

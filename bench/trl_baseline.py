@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from bench import grpo_step
-from bench.common import GiB, checkout_pythonpath, exit_on_sigterm, nvidia_smi, run_and_emit
+from bench.common import GiB, checkout_pythonpath, cuda_sync, exit_on_sigterm, nvidia_smi, run_and_emit
 from bench.make_arch import ARCH_CHOICES, build_random_model, has_weights, make_arch
 
 LIGHTER = {"full": "frozen_vision", "frozen_vision": "lora"}
@@ -91,7 +91,7 @@ class StepClock:
                 clock.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
             def on_step_end(self, args, state, control, **kw):
-                _cuda_sync()
+                cuda_sync()
                 clock.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
             def on_log(self, args, state, control, logs=None, **kw):
@@ -104,13 +104,6 @@ class StepClock:
     def steps(self) -> list[dict]:
         return [{"step_s": round(t1 - t0, 3), "tokens": int(n1 - n0)}
                 for (t0, n0), (t1, n1) in zip(self.marks, self.marks[1:])]
-
-
-def _cuda_sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _patch_trl_for_random_weights(folder: Path) -> None:
