@@ -154,7 +154,7 @@ class GRPOLearner:
         self.sampler = PromptSampler(len(examples), cfg.seed, self.acc.process_index, self.acc.num_processes)
         self._prefetched: tuple[dict, list[PreparedPrompt]] | None = None  # (sampler state before, prompts)
         self._pending: PendingBatch | None = None  # grpo.async_steps: the next batch, generating
-        self._pool = None
+        self._pool: ThreadPoolExecutor | None = None  # see _rollout_thread
         self.ckpt = CheckpointManager(self.out_dir, cfg.checkpoint.keep_last, accelerator=self.acc)
         self.reward_fns = task.reward_functions(g.reward_mode)
         self.step_index, self.policy_version = 0, 0
@@ -256,6 +256,17 @@ class GRPOLearner:
                                prompt=cfg.data.train_prompt, system=cfg.data.system_prompt,
                                min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
 
+    def _draw(self, count: int) -> tuple[dict, list[PreparedPrompt]]:
+        """(the sampler's state before this draw, the drawn prompts prepared): a checkpoint taken while they are in
+        flight records that state, so a resumed run draws the same prompts again."""
+        return self.sampler.state_dict(), self._draw_and_prepare(count)
+
+    def _rollout_thread(self) -> ThreadPoolExecutor:
+        """The worker thread that waits on the server's HTTP answer while this thread works (one per learner)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="suzak-rollouts")
+        return self._pool
+
     def _take_prompts(self, count: int) -> list[PreparedPrompt]:
         """This step's prompts: the ones prepared during the last step's generation, else drawn and prepared now."""
         if self._prefetched is not None:
@@ -267,12 +278,10 @@ class GRPOLearner:
         """Generate in a worker thread (it only waits on HTTP) while this thread prepares the next step's prompts,
         so their image processing hides behind the server's work.
         The sampler state from before that draw is what a checkpoint saves, so a resumed run redraws them."""
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self.generate, prompts)
-            if self.step_index + 1 < self.cfg.grpo.steps:
-                state = self.sampler.state_dict()
-                self._prefetched = (state, self._draw_and_prepare(count))
-            return pending.result()
+        pending = self._rollout_thread().submit(self.generate, prompts)
+        if self.step_index + 1 < self.cfg.grpo.steps:
+            self._prefetched = self._draw(count)
+        return pending.result()
 
     def _prompts_per_draw(self) -> int:
         g = self.cfg.grpo
@@ -281,17 +290,13 @@ class GRPOLearner:
     def _start_next_generation(self, count: int) -> PendingBatch:
         """grpo.async_steps: draw the next step's prompts and have the server generate them, with the weights it
         serves now, while this thread runs the update."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="suzak-rollouts")
-        state = self.sampler.state_dict()
-        prompts = self._draw_and_prepare(count)
-        return PendingBatch(state, prompts, self._pool.submit(self.generate, prompts, self.step_index + 1))
+        state, prompts = self._draw(count)
+        return PendingBatch(state, prompts, self._rollout_thread().submit(self.generate, prompts, self.step_index + 1))
 
     def _resume_pending(self, saved: dict, count: int) -> None:
         """Rebuild the batch a checkpoint was saved with: its prompts redrawn from the saved sampler state, its
         rollouts as the server generated them (so the resumed run trains on the same, one-step-stale batch)."""
-        state = self.sampler.state_dict()
-        prompts = self._draw_and_prepare(count)
+        state, prompts = self._draw(count)
         done: Future = Future()
         done.set_result([Rollout(**r) for r in saved["rollouts"]])
         self._pending = PendingBatch(state, prompts, done)
@@ -469,10 +474,12 @@ class GRPOLearner:
     # ------------------------------------------------------------------ run / resume
 
     def save(self) -> Path:
-        sampler = self._prefetched[0] if self._prefetched is not None else self.sampler.state_dict()
-        extra = {"step": self.step_index, "policy_version": self.policy_version, "sampler": sampler}
         if self._pending is not None:  # async_steps: the next batch, already generated, is part of the state
-            extra["sampler"] = self._pending.sampler_state
+            sampler = self._pending.sampler_state
+        else:
+            sampler = self._prefetched[0] if self._prefetched is not None else self.sampler.state_dict()
+        extra = {"step": self.step_index, "policy_version": self.policy_version, "sampler": sampler}
+        if self._pending is not None:
             extra["pending"] = {"rollouts": [asdict(r) for r in self._pending.rollouts.result()]}
         return self.ckpt.save(self.step_index, self.wrapped, self.optimizer, self.scheduler, extra)
 
