@@ -50,6 +50,10 @@ class ModelConfig(Section):
     """Learner weight dtype. 'auto': bfloat16 on CUDA, float32 on CPU."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     """Attention kernel. 'auto': flash_attention_2 when importable on CUDA, otherwise sdpa."""
+    vision_attention: Literal["packed", "per_window"] = "packed"
+    """How an sdpa vision tower runs its windows: 'packed' batches the windows of each length into one SDPA call
+    (suzak/attention.py; the same numbers), 'per_window' keeps transformers' one call per window. flash_attention_2
+    and eager are not changed."""
     min_pixels: int = Field(3136, ge=784)
     """Smallest image area (pixels) after resizing; must equal the server's (checked at connect time)."""
     max_pixels: int = Field(401408, ge=784)

@@ -41,6 +41,7 @@ SUPPORTED_FAMILIES = SUPPORTED_MODEL_TYPES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+VISION_ATTENTIONS = ("packed", "per_window")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TRUE = {"1", "true", "yes", "on"}
@@ -236,11 +237,12 @@ def load_config(name_or_path: str | os.PathLike):
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", attn_implementation: str = "auto",
-               device: str | None = None):
+               device: str | None = None, vision_attention: str = "packed"):
     """Load a supported vision-language checkpoint with the class its config names.
 
     device None leaves the weights on the CPU (a distributed launcher moves them later); a device
-    string such as "cuda:0" loads them straight there.
+    string such as "cuda:0" loads them straight there. vision_attention "packed" runs an sdpa vision tower's
+    windows in batched calls (suzak/attention.py; same results), "per_window" keeps transformers' own loop.
     """
     import torch
     from transformers import AutoModelForImageTextToText
@@ -254,7 +256,13 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", attn_imp
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype_name), "attn_implementation": attn}
     if device is not None:
         kwargs["device_map"] = str(device)
-    return AutoModelForImageTextToText.from_pretrained(path, config=config, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(path, config=config, **kwargs)
+    if vision_attention not in VISION_ATTENTIONS:
+        raise SuzakError(f"vision_attention {vision_attention!r} is not one of {', '.join(VISION_ATTENTIONS)}")
+    if vision_attention == "packed":
+        from suzak.attention import pack_vision_attention
+        pack_vision_attention(model)
+    return model
 
 
 def load_processor(name_or_path: str | os.PathLike, *, min_pixels: int | None = None,

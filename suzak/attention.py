@@ -1,0 +1,96 @@
+"""Attention kernels suzak plugs into transformers' Qwen-VL models: the vision tower's packed windows in a few
+batched SDPA calls instead of one call per window.
+
+    from suzak.attention import pack_vision_attention
+    pack_vision_attention(model)      # after loading, when the vision tower would run sdpa
+
+Run its tests:  .venv/bin/python -m pytest tests/unit/test_attention.py -q
+
+Why: without flash-attn, transformers' Qwen2.5-VL / Qwen3-VL vision attention splits the packed patches at every
+window (or image) boundary and calls SDPA once per piece. A 7B reference step's 64 images are 2,048 windows in each
+of 28 windowed blocks: about 57,000 tiny attention calls per forward, each too small to fill the card, and the
+update runs the tower four times (reference, forward, recompute, backward). Windows of one image size mostly share
+one length, so gathering the pieces of each length into one batch gives the same per-window attention, exactly,
+in a handful of calls. transformers routes the packed (cu_seqlens) inputs only to implementations whose name
+contains "flash", hence the name this one is registered under; it needs no flash-attn.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PACKED_VISION_ATTENTION = "suzak_flash_free_packed_sdpa"
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                          cu_seq_lens_q=None, cu_seq_lens_k=None, is_causal=False, **_):
+    """transformers' flash-attention interface over SDPA: query/key/value [1, heads, tokens, head_dim] packed by
+    cu_seq_lens; returns ([1, tokens, heads, head_dim], None), each piece attending only within itself."""
+    if attention_mask is not None:
+        raise ValueError("packed SDPA attention takes cu_seq_lens, not an attention mask")
+    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+        raise ValueError("packed SDPA attention needs the same pieces for queries and keys")
+    q, k, v = query[0], key[0], value[0]  # [heads, tokens, head_dim]
+    heads, tokens, head_dim = q.shape
+    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    starts = cu_seq_lens_q[:-1].tolist()
+    by_length: dict[int, list[int]] = {}
+    for start, length in zip(starts, lengths):
+        if length > 0:
+            by_length.setdefault(length, []).append(start)
+    dropout = dropout if module.training else 0.0
+    if len(by_length) == 1 and len(next(iter(by_length.values()))) * next(iter(by_length)) == tokens:
+        # One length that tiles the whole sequence: a reshape, no gather.
+        length = next(iter(by_length))
+        out = _batched(q, k, v, tokens // length, length, scaling, dropout, is_causal)
+        return out.reshape(1, tokens, heads, head_dim), None
+    outputs, order = [], []
+    for length, piece_starts in by_length.items():
+        index = (torch.tensor(piece_starts, device=q.device)[:, None]
+                 + torch.arange(length, device=q.device)[None]).reshape(-1)
+        n = len(piece_starts)
+        outputs.append(_batched(q[:, index], k[:, index], v[:, index], n, length, scaling, dropout, is_causal))
+        order.append(index)
+    out = torch.cat(outputs)  # [tokens, heads, head_dim] in bucket order
+    inverse = torch.empty(tokens, dtype=torch.long, device=q.device)
+    inverse[torch.cat(order)] = torch.arange(tokens, device=q.device)
+    return out[inverse].unsqueeze(0), None
+
+
+def _batched(q, k, v, n: int, length: int, scaling, dropout: float, is_causal: bool) -> torch.Tensor:
+    """SDPA over n pieces of `length` tokens laid end to end in [heads, n * length, head_dim] tensors; returns
+    [n * length, heads, head_dim]."""
+    heads, _, head_dim = q.shape
+
+    def pieces(x):
+        return x.reshape(heads, n, length, head_dim).transpose(0, 1)  # [n, heads, length, head_dim]
+
+    out = torch.nn.functional.scaled_dot_product_attention(pieces(q), pieces(k), pieces(v), dropout_p=dropout,
+                                                           is_causal=is_causal, scale=scaling)
+    return out.permute(0, 2, 1, 3).reshape(n * length, heads, head_dim)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_VISION_ATTENTION, packed_sdpa_attention)
+
+
+def pack_vision_attention(model) -> bool:
+    """Switch the model's vision tower from per-window SDPA to packed_sdpa_attention; True when switched.
+
+    Only an sdpa vision tower changes: flash_attention_2 already takes the packed windows in one call, and eager
+    stays the plain reference. The language model keeps its own implementation.
+    """
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    if vision is None or vision._attn_implementation != "sdpa":
+        return False
+    _register()
+    vision._attn_implementation = PACKED_VISION_ATTENTION
+    return True
+
+
+def vision_attention_of(model) -> str | None:
+    """The vision tower's attention implementation (None for a model without one)."""
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    return None if vision is None else vision._attn_implementation
