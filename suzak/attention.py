@@ -1,8 +1,9 @@
 """Attention kernels suzak plugs into transformers' Qwen-VL models: the vision tower's packed windows in a few
-batched SDPA calls instead of one call per window.
+batched SDPA calls instead of one call per window, and FlexAttention for the language model's shared-prompt rows.
 
-    from suzak.attention import pack_vision_attention
+    from suzak.attention import pack_vision_attention, use_flex_for_text
     pack_vision_attention(model)      # after loading, when the vision tower would run sdpa
+    use_flex_for_text(model)          # grpo.shared_prompt_attention=flex: the learner then passes a BlockMask
 
 Run its tests:  .venv/bin/python -m pytest tests/unit/test_attention.py -q
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 
 PACKED_VISION_ATTENTION = "suzak_flash_free_packed_sdpa"
+FLEX_ATTENTION = "flex_attention"  # transformers' own FlexAttention integration
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -94,3 +96,22 @@ def vision_attention_of(model) -> str | None:
     """The vision tower's attention implementation (None for a model without one)."""
     vision = getattr(getattr(model, "config", None), "vision_config", None)
     return None if vision is None else vision._attn_implementation
+
+
+def use_flex_for_text(model) -> None:
+    """Run the language model's attention through transformers' FlexAttention (compiled on first use); its callers
+    pass a BlockMask (trainer/rollouts.SharedPrompts.block_mask). The vision tower keeps its own implementation."""
+    import torch.nn.attention.flex_attention  # noqa: F401  (fails early on a torch without it)
+
+    text_config(model)._attn_implementation = FLEX_ATTENTION
+
+
+def text_config(model):
+    """The language model's config of a Qwen-VL (its text_config), or the model's own for a text-only one."""
+    config = model.config
+    return getattr(config, "text_config", None) or config
+
+
+def text_attention_of(model) -> str:
+    """The language model's attention implementation."""
+    return text_config(model)._attn_implementation

@@ -236,6 +236,10 @@ class GRPOConfig(Section):
     """Run each group's prompt (image included) once in the learner, its G completions after it in one row, each
     attending to the prompt and itself only: exact, and G-fold less prompt compute. Needs sdpa or eager attention
     (model.attn_implementation auto picks sdpa for it); with flash_attention_2 groups run unshared."""
+    shared_prompt_attention: Literal["bias", "flex"] = "bias"
+    """How the language model masks shared-prompt rows. bias: SDPA with a dense [W, W] additive mask per group (any
+    device). flex: torch's FlexAttention with a block mask, which skips the blocks where one completion would see
+    another (compiled on first use; CUDA learners only, as FlexAttention has no CPU backward)."""
     cpu_threads: int = Field(0, ge=0)
     """Intra-op threads of a learner on CPU. 0: half the cores when the pipeline runs the rollout server on the same
     host (server.url unset), else all. The server's OpenMP threads keep spinning after each generate, and a learner

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from suzak.attention import FLEX_ATTENTION, text_attention_of
 from suzak.errors import SuzakError
 from suzak.families import family_of
 from trainer import loss as grpo_loss
@@ -67,9 +68,12 @@ def _shared_hidden(backbone, mb: MicroBatch, device) -> torch.Tensor:
     input_ids = shared.input_ids.to(device)
     feats = image_features(backbone, mb, device, row_images=list(range(mb.image_grid_thw.shape[0])))
     positions = shared_prompt_positions(backbone, shared, mb.image_grid_thw.to(device), device)
-    out = family_of(backbone.config).language_forward(
-        backbone, input_ids, feats, position_ids=positions,
-        attention_mask=shared.attention_bias(backbone.get_input_embeddings().weight.dtype, device))
+    if text_attention_of(backbone) == FLEX_ATTENTION:
+        mask = shared.block_mask(device)
+    else:
+        mask = shared.attention_bias(backbone.get_input_embeddings().weight.dtype, device)
+    out = family_of(backbone.config).language_forward(backbone, input_ids, feats, position_ids=positions,
+                                                      attention_mask=mask)
     return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
 
 

@@ -23,6 +23,7 @@ import torch
 
 from suzak.config import RunConfig
 from suzak.cpu import learner_cpu_threads
+from suzak.attention import use_flex_for_text
 from suzak.errors import SuzakError
 from suzak.log import get_logger
 from suzak.tasks import Example, Task
@@ -141,8 +142,11 @@ class GRPOLearner:
         torch.manual_seed(cfg.seed + self.acc.process_index)
         if self.device.type == "cpu":
             torch.set_num_threads(learner_cpu_threads(cfg))
-        self.policy = load_policy(cfg, self.device)
         g = cfg.grpo
+        if g.share_prompt and g.shared_prompt_attention == "flex" and self.device.type != "cuda":
+            raise SuzakError("grpo.shared_prompt_attention=flex needs a CUDA learner (FlexAttention has no backward "
+                             f"on {self.device.type}): use grpo.shared_prompt_attention=bias")
+        self.policy = load_policy(cfg, self.device)
         optimizer, scheduler = build_optimizer(self.policy.model, g.optim, g.steps * g.num_iterations * g.mini_batches,
                                                offload=self.policy.offload, momentum_dtype=self.policy.momentum_dtype)
         self.wrapped, self.optimizer = prepare_for_training(self.acc, PolicyLogps(self.policy.model), optimizer)
@@ -160,6 +164,10 @@ class GRPOLearner:
         self.step_index, self.policy_version = 0, 0
         self.transport = None
         self.share_prompt = g.share_prompt and self._attention_takes_masks()
+        if self.share_prompt and g.shared_prompt_attention == "flex":
+            for model in (self.policy.model, self.policy.ref_model):
+                if model is not None:
+                    use_flex_for_text(model)
 
     def _attention_takes_masks(self) -> bool:
         attn = getattr(self.policy.model.config, "_attn_implementation", "sdpa")

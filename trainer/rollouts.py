@@ -143,6 +143,20 @@ class SharedPrompts:
         bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
         return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
+    def block_mask(self, device):
+        """The same mask as attention_bias, as FlexAttention's BlockMask: its kernel skips the 128x128 blocks no
+        query attends to (one completion's queries against another's keys), which the dense mask computes and
+        throws away."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        seg = self.segments.to(device)
+
+        def shared_prompt(batch, head, query, key):
+            return (key <= query) & ((seg[batch, key] == 0) | (seg[batch, key] == seg[batch, query]))
+
+        groups, width = seg.shape
+        return create_block_mask(shared_prompt, groups, None, width, width, device=device)
+
 
 @dataclass
 class MicroBatch:

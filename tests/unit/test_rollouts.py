@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from suzak.config import SynthConfig
+from suzak.errors import SuzakError
 from suzak.models import load_model, load_processor
 from suzak.tasks import get_task
 from suzak.tasks.sources import synth_examples
@@ -129,6 +130,69 @@ def test_shared_prompt_mask_keeps_completions_apart(tiny, prompts):
                              1.0, torch.device("cpu")).detach()
     torch.testing.assert_close(before[[0, 2]], after[[0, 2]], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(before[1], after[1])
+
+
+def _with_text_attention(model, implementation: str):
+    from suzak.attention import text_config
+
+    config = text_config(model)
+    before, config._attn_implementation = config._attn_implementation, implementation
+    return before
+
+
+def test_flex_block_mask_gives_the_dense_mask_log_probs(tiny, prompts):
+    """grpo.shared_prompt_attention=flex: the same log-probs as the dense additive mask (forward; FlexAttention has
+    no CPU backward, so the gradients are checked on a GPU in tests/integration/test_full_param_gpu.py)."""
+    from suzak.attention import use_flex_for_text
+
+    model, processor = tiny
+    rollouts = _rollouts(prompts, group=3, seed=7)
+    pad = processor.tokenizer.pad_token_id
+    mb = build_micro_batch([0, 3, 6, 1, 4, 7, 2, 5, 8], rollouts, prompts, pad, set(), share_prompts=True)
+    mask = mb.shared.block_mask("cpu")
+    assert mask.shape == (len(prompts), 1, mb.shared.segments.shape[1], mb.shared.segments.shape[1])
+    with torch.no_grad():
+        dense = completion_logps(model, mb, 1.0, torch.device("cpu"))
+        use_flex_for_text(model)
+        try:
+            flex = completion_logps(model, mb, 1.0, torch.device("cpu"))
+        finally:
+            _with_text_attention(model, "sdpa")
+    assert dense.abs().sum() > 0
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_flex_block_mask_gives_the_dense_mask_gradients_on_a_gpu(tiny, prompts):
+    """The backward that CPU FlexAttention lacks: log-probs and every gradient equal the dense mask's on CUDA."""
+    import copy
+
+    from suzak.attention import use_flex_for_text
+
+    model = copy.deepcopy(tiny[0]).cuda()
+    rollouts = _rollouts(prompts, group=3, seed=8)
+    mb = build_micro_batch([0, 3, 6, 1, 4, 7, 2, 5, 8], rollouts, prompts, tiny[1].tokenizer.pad_token_id, set(),
+                           share_prompts=True)
+
+    def logps_and_grads():
+        model.zero_grad()
+        logps = completion_logps(model, mb, 1.0, torch.device("cuda"))
+        weights = torch.linspace(0.5, 1.5, logps.numel(), device="cuda").view(logps.shape)
+        (logps * mb.completion_mask.cuda() * weights).sum().backward()
+        return logps.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
+
+    dense = logps_and_grads()
+    use_flex_for_text(model)
+    _assert_same(logps_and_grads(), dense)
+
+
+def test_flex_needs_a_cuda_learner(tmp_path):
+    from suzak.config import load_config
+    from trainer.grpo import GRPOLearner
+
+    cfg = load_config(None, ["grpo.shared_prompt_attention=flex"])
+    with pytest.raises(SuzakError, match="needs a CUDA learner .* use grpo.shared_prompt_attention=bias"):
+        GRPOLearner(cfg, get_task("clevr_count"), [], None, tmp_path)
 
 
 def test_group_micro_batches_hold_whole_groups_within_budget(prompts):
