@@ -152,6 +152,24 @@ def test_host_reference_swaps_the_starting_weights_in_and_restores_the_policy():
     assert not torch.equal(model(x), start(x))
 
 
+@pytest.mark.gpu
+def test_host_reference_of_a_cuda_model_is_page_locked_in_one_exact_buffer():
+    """The reference's upload runs from page-locked memory, without the power-of-two rounding of torch's pinned
+    allocator: one buffer of exactly the trainable weights' size."""
+    model = _mlp(torch.bfloat16).cuda()
+    start = [p.detach().clone() for p in model.parameters()]
+    ref = HostReference(model)
+    assert ref.pinned and ref.buffer.is_pinned() and all(w.is_pinned() for w in ref.weights)
+    assert ref.nbytes == sum(p.numel() * 2 for p in model.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        moved = [p.detach().clone() for p in model.parameters()]
+        with ref.swapped_in(model):
+            assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start))
+    assert all(torch.equal(p, m) for p, m in zip(model.parameters(), moved))
+
+
 def test_bf16_first_moment_still_tracks_fp32_and_the_host_budget_picks_it():
     from trainer.offload import host_bytes_needed, pick_momentum_dtype
 
