@@ -211,6 +211,27 @@ def test_learner_step_updates_without_a_server_and_profiles(tmp_path, capsys, mo
     assert "aten::" in capsys.readouterr().out  # the profiler's table
 
 
+def test_learner_step_variants_agree_and_each_is_timed(tmp_path, monkeypatch):
+    from bench import learner_step
+
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert learner_step.main(["--arch", "tiny", "--prompts", "2", "--G", "2", "--completion", "8", "--steps", "2",
+                              "--warmup", "1", "--visual-tokens", "16", "--text-tokens", "40", "--work",
+                              str(tmp_path / "work"), "--variants", "loop:vision=per_window", "packed:vision=packed",
+                              "nockpt:ckpt=off,mbt=64"]) == 0
+    result = json.loads((tmp_path / "out" / "learner_step_tiny.json").read_text())
+    variants = result["variants"]
+    assert list(variants) == ["loop", "packed", "nockpt"]
+    for record in variants.values():
+        assert record["logp_max_diff_vs_first"] < 1e-5  # the settings change speed, not the numbers
+        assert [u["warmup"] for u in record["updates"]] == [True, False, False] and record["update_s"] > 0
+    assert variants["nockpt"]["settings"] == {"ckpt": "off", "mbt": "64"}
+    with pytest.raises(SystemExit, match="unknown key 'attn'"):
+        learner_step.parse_variant("x:attn=flex")
+    with pytest.raises(SystemExit, match="mbt=lots is not one of a token count"):
+        learner_step.parse_variant("x:mbt=lots")
+
+
 def test_scaling_points_vary_one_quantity_at_a_time_and_plot(tmp_path):
     from bench import scaling
 
