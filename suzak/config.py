@@ -276,8 +276,9 @@ class ServerConfig(Section):
     """Seed of the engine's sampler."""
     enable_prefix_caching: bool = True
     """Share KV cache between rollouts of one prompt (and across steps until a weight update)."""
-    enforce_eager: bool = False
-    """Disable CUDA graphs / torch.compile in vLLM (faster start, slower decode)."""
+    enforce_eager: bool | Literal["auto"] = False
+    """Disable CUDA graphs / torch.compile in vLLM (faster start, slower decode). auto: eager on a CPU host (where
+    compiling only slows the start), CUDA graphs on a GPU."""
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     """Server weight dtype. 'auto': bfloat16 on CUDA, float32 on CPU."""
     transport: Literal["auto", "files", "ipc", "nccl"] = "auto"

@@ -325,6 +325,11 @@ def transfer_backend(transport: str, on_cuda: bool) -> str | None:
     return {"auto": "ipc", "files": None}.get(transport, transport)
 
 
+def enforce_eager(setting: bool | str, on_cuda: bool) -> bool:
+    """server.enforce_eager: auto runs eager on a CPU host (compiling there only slows the start), graphs on a GPU."""
+    return (not on_cuda) if setting == "auto" else bool(setting)
+
+
 class VLLMEngine(Engine):
     """vLLM's AsyncLLM with suzak's policy versioning, validation and weight updates."""
 
@@ -396,7 +401,8 @@ class VLLMEngine(Engine):
         kwargs: dict[str, Any] = dict(
             model=self.model_path, dtype=self.dtype, max_model_len=srv.max_model_len,
             gpu_memory_utilization=srv.gpu_memory_utilization, max_num_seqs=srv.max_num_seqs, seed=srv.seed,
-            enable_prefix_caching=srv.enable_prefix_caching, enforce_eager=srv.enforce_eager,
+            enable_prefix_caching=srv.enable_prefix_caching,
+            enforce_eager=enforce_eager(srv.enforce_eager, on_cuda),
             limit_mm_per_prompt={"image": MAX_IMAGES_PER_PROMPT, "video": 0},
             mm_processor_kwargs={"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels},
             enable_sleep_mode=self.can_sleep, disable_log_stats=True,

@@ -145,3 +145,14 @@ def test_local_cpu_server_takes_the_cores_the_learner_leaves(monkeypatch):
     assert local_server_cpu_threads(load_config(None, [])) == 1  # this project's 2-core machine: 1 + 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert local_server_cpu_threads(load_config(None, [])) == 0  # a GPU server: vLLM's own layout
+
+
+def test_server_enforce_eager_auto_is_eager_on_cpu_and_graphs_on_a_gpu():
+    from vllm_server.engine import enforce_eager
+
+    assert load_config(None, ["server.enforce_eager=auto"]).server.enforce_eager == "auto"
+    assert load_config(None, ["server.enforce_eager=true"]).server.enforce_eager is True
+    assert enforce_eager("auto", on_cuda=False) is True and enforce_eager("auto", on_cuda=True) is False
+    assert enforce_eager(True, on_cuda=True) is True and enforce_eager(False, on_cuda=False) is False
+    with pytest.raises(SuzakError, match="enforce_eager"):
+        load_config(None, ["server.enforce_eager=sometimes"])
