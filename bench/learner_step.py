@@ -111,7 +111,7 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 def apply_variant(learner, settings: dict[str, str], base: dict) -> None:
     """Switch the live learner to a variant's settings; the ones it does not name go back to `base`
     (variant_base: the run's own)."""
-    from suzak.attention import pack_vision_attention, text_config, use_flex_for_text
+    from suzak.kernels import pack_vision_attention, text_config, use_flex_for_text
 
     for model in (learner.hf_model, learner.policy.ref_model):
         if model is None:
@@ -135,7 +135,7 @@ def apply_variant(learner, settings: dict[str, str], base: dict) -> None:
 
 
 def variant_base(learner) -> dict:
-    from suzak.attention import text_attention_of
+    from suzak.kernels import text_attention_of
 
     return {"vision": learner.hf_model.config.vision_config._attn_implementation,
             "lm": text_attention_of(learner.hf_model), "mbt": learner.cfg.grpo.micro_batch_tokens,

@@ -220,21 +220,24 @@ def install_random_init_loader() -> None:
         return
     original = models.load_model
 
-    def load_model(name_or_path, *, dtype="auto", attn_implementation="auto", device=None, vision_attention="packed"):
+    def load_model(name_or_path, *, dtype="auto", attn_implementation="auto", device=None, vision_attention="packed",
+                   liger_kernels=False):
         path = models.resolve_model_path(name_or_path)
         if has_weights(Path(path)):
             return original(name_or_path, dtype=dtype, attn_implementation=attn_implementation, device=device,
-                            vision_attention=vision_attention)
+                            vision_attention=vision_attention, liger_kernels=liger_kernels)
         dtype_name = models.pick_dtype(dtype, device)
         attn = models.pick_attn_implementation(attn_implementation, dtype=dtype_name)
         print(f"[bench] {path} has no weights: random init on {device or 'cpu'} ({dtype_name}, attn={attn}, "
               f"vision {vision_attention})")
         model = build_random_model(path, dtype=dtype_name, device=str(device) if device else "cpu",
                                    attn_implementation=attn)
-        if vision_attention == "packed":
-            from suzak.attention import pack_vision_attention
+        from suzak.kernels import pack_vision_attention, use_liger_kernels
 
+        if vision_attention == "packed":
             pack_vision_attention(model)
+        if liger_kernels:
+            use_liger_kernels(model)
         return model
 
     load_model._bench_random_init = True

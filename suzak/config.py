@@ -52,8 +52,11 @@ class ModelConfig(Section):
     """Attention kernel. 'auto': flash_attention_2 when importable on CUDA, otherwise sdpa."""
     vision_attention: Literal["packed", "per_window"] = "packed"
     """How an sdpa vision tower runs its windows: 'packed' batches the windows of each length into one SDPA call
-    (suzak/attention.py; the same numbers), 'per_window' keeps transformers' one call per window. flash_attention_2
+    (suzak/kernels.py; the same numbers), 'per_window' keeps transformers' one call per window. flash_attention_2
     and eager are not changed."""
+    liger_kernels: bool = False
+    """Liger's fused Triton kernels (RMSNorm, and SwiGLU on Qwen2.5-VL) in the learner's model: CUDA only, needs
+    the liger-kernel package."""
     min_pixels: int = Field(3136, ge=784)
     """Smallest image area (pixels) after resizing; must equal the server's (checked at connect time)."""
     max_pixels: int = Field(401408, ge=784)

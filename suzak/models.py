@@ -237,12 +237,13 @@ def load_config(name_or_path: str | os.PathLike):
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", attn_implementation: str = "auto",
-               device: str | None = None, vision_attention: str = "packed"):
+               device: str | None = None, vision_attention: str = "packed", liger_kernels: bool = False):
     """Load a supported vision-language checkpoint with the class its config names.
 
     device None leaves the weights on the CPU (a distributed launcher moves them later); a device
     string such as "cuda:0" loads them straight there. vision_attention "packed" runs an sdpa vision tower's
-    windows in batched calls (suzak/attention.py; same results), "per_window" keeps transformers' own loop.
+    windows in batched calls (suzak/kernels.py; same results), "per_window" keeps transformers' own loop.
+    liger_kernels swaps in Liger's fused RMSNorm/SwiGLU (a CUDA device and the liger-kernel package).
     """
     import torch
     from transformers import AutoModelForImageTextToText
@@ -260,8 +261,11 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", attn_imp
     if vision_attention not in VISION_ATTENTIONS:
         raise SuzakError(f"vision_attention {vision_attention!r} is not one of {', '.join(VISION_ATTENTIONS)}")
     if vision_attention == "packed":
-        from suzak.attention import pack_vision_attention
+        from suzak.kernels import pack_vision_attention
         pack_vision_attention(model)
+    if liger_kernels:
+        from suzak.kernels import use_liger_kernels
+        use_liger_kernels(model)
     return model
 
 

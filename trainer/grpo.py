@@ -23,7 +23,7 @@ import torch
 
 from suzak.config import RunConfig
 from suzak.cpu import learner_cpu_threads
-from suzak.attention import use_flex_for_text
+from suzak.kernels import use_flex_for_text
 from suzak.errors import SuzakError
 from suzak.log import get_logger
 from suzak.tasks import Example, Task

@@ -147,7 +147,7 @@ def load_policy(cfg, device, *, stage: str = "grpo") -> Policy:
     # Sharded strategies place the weights themselves when the model is prepared.
     where = None if strategy().startswith(("zero3", "fsdp")) else str(device)
     model = load_model(m.name_or_path, dtype=_DTYPE_NAMES[load_dtype], attn_implementation=attn, device=where,
-                       vision_attention=m.vision_attention)
+                       vision_attention=m.vision_attention, liger_kernels=m.liger_kernels)
     model.config.use_cache = False
     if m.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads, so frozen embeddings/vision stay frozen.
@@ -165,7 +165,8 @@ def load_policy(cfg, device, *, stage: str = "grpo") -> Policy:
         host_reference = HostReference(model)
     elif stage == "grpo" and cfg.grpo.beta > 0 and not m.lora.enabled:
         ref_model = load_model(m.name_or_path, dtype=_DTYPE_NAMES[precision.compute_dtype],
-                               attn_implementation=attn, device=where, vision_attention=m.vision_attention)
+                               attn_implementation=attn, device=where, vision_attention=m.vision_attention,
+                               liger_kernels=m.liger_kernels)
         ref_model.requires_grad_(False)
         ref_model.eval()
     processor = load_processor(m.name_or_path, min_pixels=m.min_pixels, max_pixels=m.max_pixels)

@@ -133,7 +133,7 @@ def test_shared_prompt_mask_keeps_completions_apart(tiny, prompts):
 
 
 def _with_text_attention(model, implementation: str):
-    from suzak.attention import text_config
+    from suzak.kernels import text_config
 
     config = text_config(model)
     before, config._attn_implementation = config._attn_implementation, implementation
@@ -143,7 +143,7 @@ def _with_text_attention(model, implementation: str):
 def test_flex_block_mask_gives_the_dense_mask_log_probs(tiny, prompts):
     """grpo.shared_prompt_attention=flex: the same log-probs as the dense additive mask (forward; FlexAttention has
     no CPU backward, so the gradients are checked on a GPU in tests/integration/test_full_param_gpu.py)."""
-    from suzak.attention import use_flex_for_text
+    from suzak.kernels import use_flex_for_text
 
     model, processor = tiny
     rollouts = _rollouts(prompts, group=3, seed=7)
@@ -167,7 +167,7 @@ def test_flex_block_mask_gives_the_dense_mask_gradients_on_a_gpu(tiny, prompts):
     """The backward that CPU FlexAttention lacks: log-probs and every gradient equal the dense mask's on CUDA."""
     import copy
 
-    from suzak.attention import use_flex_for_text
+    from suzak.kernels import use_flex_for_text
 
     model = copy.deepcopy(tiny[0]).cuda()
     rollouts = _rollouts(prompts, group=3, seed=8)

@@ -1,11 +1,13 @@
-"""Attention kernels suzak plugs into transformers' Qwen-VL models: the vision tower's packed windows in a few
-batched SDPA calls instead of one call per window, and FlexAttention for the language model's shared-prompt rows.
+"""Faster kernels suzak plugs into transformers' Qwen-VL models: the vision tower's packed windows in a few
+batched SDPA calls instead of one call per window, FlexAttention for the language model's shared-prompt rows, and
+Liger's fused Triton kernels (RMSNorm, SwiGLU) on a GPU.
 
-    from suzak.attention import pack_vision_attention, use_flex_for_text
+    from suzak.kernels import pack_vision_attention, use_flex_for_text, use_liger_kernels
     pack_vision_attention(model)      # after loading, when the vision tower would run sdpa
     use_flex_for_text(model)          # grpo.shared_prompt_attention=flex: the learner then passes a BlockMask
+    use_liger_kernels(model)          # model.liger_kernels=true (needs liger-kernel and a CUDA GPU)
 
-Run its tests:  .venv/bin/python -m pytest tests/unit/test_attention.py -q
+Run its tests:  .venv/bin/python -m pytest tests/unit/test_kernels.py -q
 
 Why: without flash-attn, transformers' Qwen2.5-VL / Qwen3-VL vision attention splits the packed patches at every
 window (or image) boundary and calls SDPA once per piece. A 7B reference step's 64 images are 2,048 windows in each
@@ -115,3 +117,23 @@ def text_config(model):
 def text_attention_of(model) -> str:
     """The language model's attention implementation."""
     return text_config(model)._attn_implementation
+
+
+def use_liger_kernels(model) -> None:
+    """Liger's fused RMSNorm and SwiGLU (Qwen2.5-VL) or RMSNorm (Qwen3-VL, as Liger patches it) on this model's
+    modules. Its fused linear cross-entropy stays off: suzak never asks the model for a loss (trainer/forward.py
+    computes the log-probs from the hidden states itself)."""
+    from suzak.errors import SuzakError
+
+    try:
+        from liger_kernel.transformers import monkey_patch
+    except ImportError as err:
+        raise SuzakError(f"model.liger_kernels needs the liger-kernel package ({err}): pip install liger-kernel, or "
+                         "set model.liger_kernels=false") from None
+    if not next(model.parameters()).is_cuda:
+        raise SuzakError("model.liger_kernels needs the model on a CUDA GPU (Liger's kernels are Triton's): set "
+                         "model.liger_kernels=false on this machine")
+    patch = {"qwen2_5_vl": monkey_patch.apply_liger_kernel_to_qwen2_5_vl,
+             "qwen2_vl": monkey_patch.apply_liger_kernel_to_qwen2_vl,
+             "qwen3_vl": monkey_patch.apply_liger_kernel_to_qwen3_vl}[model.config.model_type]
+    patch(fused_linear_cross_entropy=False, model=model)

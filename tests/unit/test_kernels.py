@@ -1,6 +1,6 @@
-"""suzak/attention.py: the vision tower's packed windows give transformers' per-window results, in fewer calls.
+"""suzak/kernels.py: the vision tower's packed windows give transformers' per-window results, in fewer calls.
 
-    .venv/bin/python -m pytest tests/unit/test_attention.py -q
+    .venv/bin/python -m pytest tests/unit/test_kernels.py -q
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from suzak.attention import PACKED_VISION_ATTENTION, pack_vision_attention, packed_sdpa_attention, vision_attention_of
+from suzak.kernels import PACKED_VISION_ATTENTION, pack_vision_attention, packed_sdpa_attention, vision_attention_of
 from suzak.errors import SuzakError
 from suzak.models import load_model
 
@@ -106,3 +106,28 @@ def test_packed_attention_refuses_a_mask_or_mismatched_pieces():
         own = torch.nn.functional.scaled_dot_product_attention(q[:, :, start:end], q[:, :, start:end],
                                                                q[:, :, start:end], scale=0.5)
         torch.testing.assert_close(out[:, start:end], own.transpose(1, 2))
+
+
+def test_liger_kernels_name_their_needs(tiny):
+    """Without liger-kernel (CI) or without a GPU the option is refused with what to do, not a Triton traceback."""
+    with pytest.raises(SuzakError, match="model.liger_kernels needs .*model.liger_kernels=false"):
+        load_model(tiny, dtype="float32", liger_kernels=True)
+
+
+@pytest.mark.gpu
+def test_liger_kernels_keep_the_log_probs(tiny_any):
+    """Liger's fused RMSNorm/SwiGLU on a CUDA model: the hidden states and gradients of the plain model."""
+    pytest.importorskip("liger_kernel")
+    family, folder = tiny_any
+    plain = load_model(folder, dtype="float32", device="cuda")
+    fused = load_model(folder, dtype="float32", device="cuda", liger_kernels=True)
+    assert "forward" in vars(fused.model.language_model.norm) and "forward" not in vars(plain.model.language_model.norm)
+    ids = torch.randint(10, 400, (2, 48), device="cuda")
+    outputs = []
+    for model in (plain, fused):
+        model.zero_grad()
+        hidden = model.model.language_model(input_ids=ids).last_hidden_state
+        hidden.square().mean().backward()
+        outputs.append((hidden.detach(), model.model.language_model.layers[0].mlp.up_proj.weight.grad.clone()))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
