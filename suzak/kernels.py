@@ -20,6 +20,8 @@ contains "flash", hence the name this one is registered under; it needs no flash
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 PACKED_VISION_ATTENTION = "suzak_flash_free_packed_sdpa"
@@ -32,33 +34,57 @@ def packed_sdpa_attention(module, query, key, value, attention_mask=None, scalin
     cu_seq_lens; returns ([1, tokens, heads, head_dim], None), each piece attending only within itself."""
     if attention_mask is not None:
         raise ValueError("packed SDPA attention takes cu_seq_lens, not an attention mask")
-    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+    if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q and not torch.equal(cu_seq_lens_q,
+                                                                                              cu_seq_lens_k):
         raise ValueError("packed SDPA attention needs the same pieces for queries and keys")
     q, k, v = query[0], key[0], value[0]  # [heads, tokens, head_dim]
-    heads, tokens, head_dim = q.shape
-    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
-    starts = cu_seq_lens_q[:-1].tolist()
-    by_length: dict[int, list[int]] = {}
-    for start, length in zip(starts, lengths):
-        if length > 0:
-            by_length.setdefault(length, []).append(start)
+    tokens = q.shape[1]
+    plan = _plan(cu_seq_lens_q, tokens, q.device)
     dropout = dropout if module.training else 0.0
+    if plan.inverse is None:  # one length that tiles the whole sequence: a reshape, no gather
+        (length, n, _), = plan.buckets
+        out = _batched(q, k, v, n, length, scaling, dropout, is_causal)
+        return out.unsqueeze(0), None
+    outputs = [_batched(q[:, index], k[:, index], v[:, index], n, length, scaling, dropout, is_causal)
+               for length, n, index in plan.buckets]
+    return torch.cat(outputs)[plan.inverse].unsqueeze(0), None
+
+
+class _Plan(NamedTuple):
+    buckets: list  # (length, pieces, token index or None)
+    inverse: torch.Tensor | None  # bucket order -> token order
+
+
+_PLANS: dict[int, tuple[torch.Tensor, _Plan]] = {}
+"""Recent plans by the id of their cu_seqlens tensor (held, so the id stays its own): the vision tower hands every
+windowed block the same tensor, so the lengths come to the host once per forward, not once per block."""
+
+
+def _plan(cu_seqlens: torch.Tensor, tokens: int, device) -> _Plan:
+    cached = _PLANS.get(id(cu_seqlens))
+    if cached is not None and cached[0] is cu_seqlens:
+        return cached[1]
+    bounds = cu_seqlens.tolist()
+    by_length: dict[int, list[int]] = {}
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            by_length.setdefault(end - start, []).append(start)
     if len(by_length) == 1 and len(next(iter(by_length.values()))) * next(iter(by_length)) == tokens:
-        # One length that tiles the whole sequence: a reshape, no gather.
         length = next(iter(by_length))
-        out = _batched(q, k, v, tokens // length, length, scaling, dropout, is_causal)
-        return out.reshape(1, tokens, heads, head_dim), None
-    outputs, order = [], []
-    for length, piece_starts in by_length.items():
-        index = (torch.tensor(piece_starts, device=q.device)[:, None]
-                 + torch.arange(length, device=q.device)[None]).reshape(-1)
-        n = len(piece_starts)
-        outputs.append(_batched(q[:, index], k[:, index], v[:, index], n, length, scaling, dropout, is_causal))
-        order.append(index)
-    out = torch.cat(outputs)  # [tokens, heads, head_dim] in bucket order
-    inverse = torch.empty(tokens, dtype=torch.long, device=q.device)
-    inverse[torch.cat(order)] = torch.arange(tokens, device=q.device)
-    return out[inverse].unsqueeze(0), None
+        plan = _Plan([(length, tokens // length, None)], None)
+    else:
+        buckets, order = [], []
+        for length, starts in by_length.items():
+            index = (torch.tensor(starts)[:, None] + torch.arange(length)[None]).reshape(-1)
+            buckets.append((length, len(starts), index.to(device, non_blocking=True)))
+            order.append(index)
+        inverse = torch.empty(tokens, dtype=torch.long)
+        inverse[torch.cat(order)] = torch.arange(tokens)
+        plan = _Plan(buckets, inverse.to(device, non_blocking=True))
+    if len(_PLANS) >= 4:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[id(cu_seqlens)] = (cu_seqlens, plan)
+    return plan
 
 
 def _batched(q, k, v, n: int, length: int, scaling, dropout: float, is_causal: bool) -> torch.Tensor:

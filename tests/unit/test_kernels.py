@@ -101,6 +101,10 @@ def test_packed_attention_refuses_a_mask_or_mismatched_pieces():
     with pytest.raises(ValueError, match="same pieces"):
         packed_sdpa_attention(module, q, q, q, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 2, 6]))
     out, _ = packed_sdpa_attention(module, q, q, q, cu_seq_lens_q=torch.tensor([0, 2, 3, 6]), scaling=0.5)
+    cu = torch.tensor([0, 2, 3, 6])  # the lengths come to the host once per cu_seqlens tensor, not once per block
+    from suzak import kernels
+    assert kernels._plan(cu, 6, "cpu") is kernels._plan(cu, 6, "cpu")
+    assert kernels._plan(cu.clone(), 6, "cpu") is not kernels._plan(cu, 6, "cpu")
     pieces = [(0, 2), (2, 3), (3, 6)]
     for start, end in pieces:  # each piece attends only within itself
         own = torch.nn.functional.scaled_dot_product_attention(q[:, :, start:end], q[:, :, start:end],
