@@ -232,6 +232,18 @@ def test_learner_step_variants_agree_and_each_is_timed(tmp_path, monkeypatch):
         learner_step.parse_variant("x:mbt=lots")
 
 
+@pytest.mark.parametrize("arch", ["tiny", "tiny-qwen3vl"])
+def test_vision_tower_bench_times_both_settings_on_the_same_features(arch, tmp_path, monkeypatch):
+    from bench import vision_tower
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert vision_tower.main(["--arch", arch, "--images", "3", "--size", "224x160", "--repeats", "1"]) == 0
+    result = json.loads((tmp_path / f"vision_tower_{arch}.json").read_text())
+    assert result["max_abs_diff"] == 0.0 and set(result["fwd_bwd_s"]) == {"per_window", "packed"}
+    # Qwen2.5-VL: 224x160 px is 8x5 merged tokens, two 4x4-token windows across and two down; Qwen3-VL: per image.
+    assert result["windows_per_forward"] == (3 * 4 if arch == "tiny" else 3)
+
+
 def test_scaling_points_vary_one_quantity_at_a_time_and_plot(tmp_path):
     from bench import scaling
 
