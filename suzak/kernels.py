@@ -20,6 +20,7 @@ contains "flash", hence the name this one is registered under; it needs no flash
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
@@ -58,10 +59,12 @@ class _Plan(NamedTuple):
 _PLANS: dict[int, tuple[torch.Tensor, _Plan]] = {}
 """Recent plans by the id of their cu_seqlens tensor (held, so the id stays its own): the vision tower hands every
 windowed block the same tensor, so the lengths come to the host once per forward, not once per block."""
+_PLANS_LOCK = threading.Lock()  # a CPU learner runs the reference's forward on a second thread
 
 
 def _plan(cu_seqlens: torch.Tensor, tokens: int, device) -> _Plan:
-    cached = _PLANS.get(id(cu_seqlens))
+    with _PLANS_LOCK:
+        cached = _PLANS.get(id(cu_seqlens))
     if cached is not None and cached[0] is cu_seqlens:
         return cached[1]
     bounds = cu_seqlens.tolist()
@@ -81,9 +84,10 @@ def _plan(cu_seqlens: torch.Tensor, tokens: int, device) -> _Plan:
         inverse = torch.empty(tokens, dtype=torch.long)
         inverse[torch.cat(order)] = torch.arange(tokens)
         plan = _Plan(buckets, inverse.to(device, non_blocking=True))
-    if len(_PLANS) >= 4:
-        _PLANS.pop(next(iter(_PLANS)))
-    _PLANS[id(cu_seqlens)] = (cu_seqlens, plan)
+    with _PLANS_LOCK:
+        if len(_PLANS) >= 4:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[id(cu_seqlens)] = (cu_seqlens, plan)
     return plan
 
 
