@@ -181,11 +181,17 @@ def test_flex_block_mask_gives_the_dense_mask_gradients_on_a_gpu(tiny, prompts):
         (logps * mb.completion_mask.cuda() * weights).sum().backward()
         return logps.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
 
-    dense = logps_and_grads()
+    dense_logps, dense_grads = logps_and_grads()
     use_flex_for_text(model)
-    _assert_same(logps_and_grads(), dense)
+    flex_logps, flex_grads = logps_and_grads()
+    # Triton's fp32 dots may run in TF32 (10-bit mantissa), so this compares at 1e-3, not the CPU tests' 1e-5.
+    torch.testing.assert_close(flex_logps, dense_logps, rtol=1e-3, atol=1e-3)
+    assert flex_grads.keys() == dense_grads.keys() and any("visual" in n for n in flex_grads)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(flex_grads[name], grad, rtol=2e-3, atol=2e-4, msg=name)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only host")
 def test_flex_needs_a_cuda_learner(tmp_path):
     from suzak.config import load_config
     from trainer.grpo import GRPOLearner
