@@ -245,8 +245,9 @@ class GRPOConfig(Section):
     another (compiled on first use; CUDA learners only, as FlexAttention has no CPU backward)."""
     cpu_threads: int = Field(0, ge=0)
     """Intra-op threads of a learner on CPU. 0: half the cores when the pipeline runs the rollout server on the same
-    host (server.url unset), else all. The server's OpenMP threads keep spinning after each generate, and a learner
-    that wants every core then waits on them at each op: on 2 cores one thread halved the update time."""
+    host (server.url unset), else all. The server's threads stay busy after each generate (vLLM's shared-memory
+    queue readers busy-poll; see server.cpu_threads), and a learner that wants every core then waits on them at
+    each op: on 2 cores one thread halved the update time."""
     tis_cap: float | None = Field(2.0, gt=0)
     """Cap of the truncated importance-sampling correction for the server/learner log-prob mismatch (null: off)."""
     async_steps: Literal[0, 1] = 0
