@@ -232,12 +232,9 @@ def install_random_init_loader() -> None:
               f"vision {vision_attention})")
         model = build_random_model(path, dtype=dtype_name, device=str(device) if device else "cpu",
                                    attn_implementation=attn)
-        from suzak.kernels import pack_vision_attention, use_liger_kernels
+        from suzak.kernels import apply_model_kernels
 
-        if vision_attention == "packed":
-            pack_vision_attention(model)
-        if liger_kernels:
-            use_liger_kernels(model)
+        apply_model_kernels(model, vision_attention=vision_attention, liger_kernels=liger_kernels)
         return model
 
     load_model._bench_random_init = True

@@ -67,13 +67,6 @@ def build_tower(config, device, dtype):
     return tower
 
 
-def set_mode(tower, mode: str) -> None:
-    from suzak.kernels import PACKED_VISION_ATTENTION, _register
-
-    _register()
-    tower.config._attn_implementation = PACKED_VISION_ATTENTION if mode == "packed" else "sdpa"
-
-
 def forward_backward(tower, pixels, grid):
     out = tower(pixels, grid_thw=grid).pooler_output
     out.float().square().mean().backward()
@@ -82,6 +75,8 @@ def forward_backward(tower, pixels, grid):
 
 def run(args) -> dict:
     import torch
+
+    from suzak.kernels import set_vision_attention
 
     on_cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if on_cuda else ("cpu", torch.float32)
@@ -97,7 +92,7 @@ def run(args) -> dict:
     features, times = {}, {mode: [] for mode in MODES}
     for round_index in range(args.repeats + 1):
         for mode in MODES:
-            set_mode(tower, mode)
+            set_vision_attention(tower.config, mode)
             tower.zero_grad(set_to_none=True)
             cuda_sync()
             start = time.perf_counter()

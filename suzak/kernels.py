@@ -27,6 +27,7 @@ import torch
 
 PACKED_VISION_ATTENTION = "suzak_flash_free_packed_sdpa"
 FLEX_ATTENTION = "flex_attention"  # transformers' own FlexAttention integration
+VISION_ATTENTIONS = ("packed", "per_window")
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -110,24 +111,47 @@ def _register() -> None:
     AttentionInterface.register(PACKED_VISION_ATTENTION, packed_sdpa_attention)
 
 
+def _vision_config(model):
+    return getattr(getattr(model, "config", None), "vision_config", None)
+
+
+def set_vision_attention(vision_config, mode: str) -> None:
+    """Put an sdpa vision tower's config on packed windows ("packed") or transformers' own loop ("per_window")."""
+    if mode == "packed":
+        _register()
+    vision_config._attn_implementation = PACKED_VISION_ATTENTION if mode == "packed" else "sdpa"
+
+
 def pack_vision_attention(model) -> bool:
     """Switch the model's vision tower from per-window SDPA to packed_sdpa_attention; True when switched.
 
     Only an sdpa vision tower changes: flash_attention_2 already takes the packed windows in one call, and eager
     stays the plain reference. The language model keeps its own implementation.
     """
-    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    vision = _vision_config(model)
     if vision is None or vision._attn_implementation != "sdpa":
         return False
-    _register()
-    vision._attn_implementation = PACKED_VISION_ATTENTION
+    set_vision_attention(vision, "packed")
     return True
 
 
 def vision_attention_of(model) -> str | None:
     """The vision tower's attention implementation (None for a model without one)."""
-    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    vision = _vision_config(model)
     return None if vision is None else vision._attn_implementation
+
+
+def apply_model_kernels(model, *, vision_attention: str = "packed", liger_kernels: bool = False) -> None:
+    """What suzak.models.load_model does to a loaded model (and bench/make_arch to a random one): the packed
+    vision windows (vision_attention "packed"; "per_window" keeps transformers' loop) and Liger's kernels."""
+    from suzak.errors import SuzakError
+
+    if vision_attention not in VISION_ATTENTIONS:
+        raise SuzakError(f"vision_attention {vision_attention!r} is not one of {', '.join(VISION_ATTENTIONS)}")
+    if vision_attention == "packed":
+        pack_vision_attention(model)
+    if liger_kernels:
+        use_liger_kernels(model)
 
 
 def use_flex_for_text(model) -> None:

@@ -41,7 +41,6 @@ SUPPORTED_FAMILIES = SUPPORTED_MODEL_TYPES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
-VISION_ATTENTIONS = ("packed", "per_window")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TRUE = {"1", "true", "yes", "on"}
@@ -258,14 +257,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "auto", attn_imp
     if device is not None:
         kwargs["device_map"] = str(device)
     model = AutoModelForImageTextToText.from_pretrained(path, config=config, **kwargs)
-    if vision_attention not in VISION_ATTENTIONS:
-        raise SuzakError(f"vision_attention {vision_attention!r} is not one of {', '.join(VISION_ATTENTIONS)}")
-    if vision_attention == "packed":
-        from suzak.kernels import pack_vision_attention
-        pack_vision_attention(model)
-    if liger_kernels:
-        from suzak.kernels import use_liger_kernels
-        use_liger_kernels(model)
+    from suzak.kernels import apply_model_kernels
+
+    apply_model_kernels(model, vision_attention=vision_attention, liger_kernels=liger_kernels)
     return model
 
 
