@@ -111,17 +111,14 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 def apply_variant(learner, settings: dict[str, str], base: dict) -> None:
     """Switch the live learner to a variant's settings; the ones it does not name go back to `base`
     (variant_base: the run's own)."""
-    from suzak.kernels import pack_vision_attention, text_config, use_flex_for_text
+    from suzak.kernels import set_vision_attention, text_config, use_flex_for_text
 
     for model in (learner.hf_model, learner.policy.ref_model):
         if model is None:
             continue
         model.config.vision_config._attn_implementation = base["vision"]
-        if settings.get("vision") == "packed":
-            model.config.vision_config._attn_implementation = "sdpa"
-            pack_vision_attention(model)
-        elif settings.get("vision") == "per_window":
-            model.config.vision_config._attn_implementation = "sdpa"
+        if "vision" in settings:
+            set_vision_attention(model.config.vision_config, settings["vision"])
         text_config(model)._attn_implementation = base["lm"]
         if settings.get("lm") == "flex":
             use_flex_for_text(model)
@@ -135,9 +132,9 @@ def apply_variant(learner, settings: dict[str, str], base: dict) -> None:
 
 
 def variant_base(learner) -> dict:
-    from suzak.kernels import text_attention_of
+    from suzak.kernels import text_attention_of, vision_attention_of
 
-    return {"vision": learner.hf_model.config.vision_config._attn_implementation,
+    return {"vision": vision_attention_of(learner.hf_model),
             "lm": text_attention_of(learner.hf_model), "mbt": learner.cfg.grpo.micro_batch_tokens,
             "ckpt": "on" if learner.hf_model.is_gradient_checkpointing else "off"}
 
@@ -199,14 +196,14 @@ def run(args) -> dict:
     build_s = time.perf_counter() - t0
     prompts = learner._draw_and_prepare(args.prompts)
     rollouts = fake_rollouts(learner, prompts, args.G, args.completion, seed=cfg.seed)
-    if args.variants:
-        prompt_tokens = sum(len(p.input_ids) for p in prompts)
-        result = {"bench": "learner_step", "arch": args.arch, "device": ctx["device_name"], "train": ctx["mode"],
-                  "learner_build_s": round(build_s, 1), "overrides": args.overrides, "versions": versions(),
-                  "shape": {"prompts": args.prompts, "G": args.G, "completion_tokens": args.completion,
-                            "prompt_tokens": round(prompt_tokens / len(prompts)), **shape},
-                  "tokens_per_update": prompt_tokens * args.G + len(rollouts) * args.completion,  # verl's count
-                  "variants": compare_variants(learner, rollouts, prompts, args.variants, args.warmup, args.steps)}
+    prompt_tokens = sum(len(p.input_ids) for p in prompts) / len(prompts)
+    result = {"bench": "learner_step", "arch": args.arch, "device": ctx["device_name"], "train": ctx["mode"],
+              "learner_build_s": round(build_s, 1), "overrides": args.overrides, "versions": versions(),
+              "shape": {"prompts": args.prompts, "G": args.G, "completion_tokens": args.completion,
+                        "prompt_tokens": round(prompt_tokens), **shape}}
+    if args.variants:  # tokens_per_update: verl's count (each rollout's prompt and completion), as bench.grpo_step's
+        result.update(tokens_per_update=round(prompt_tokens * len(rollouts)) + len(rollouts) * args.completion,
+                      variants=compare_variants(learner, rollouts, prompts, args.variants, args.warmup, args.steps))
         return result
     records = []
     for i in range(args.warmup + args.steps):
@@ -214,20 +211,15 @@ def run(args) -> dict:
         records.append(record)
         print(f"[learner] update {i + 1}/{args.warmup + args.steps}{' (warm-up)' if record['warmup'] else ''}: "
               f"{record}", flush=True)
-    result = {"bench": "learner_step", "arch": args.arch, "device": ctx["device_name"], "train": ctx["mode"],
-              "learner_build_s": round(build_s, 1), "updates": records, "versions": versions()}
     timed = [r for r in records if not r["warmup"]] or records
     update_s = sum(r["update_s"] for r in timed) / len(timed)
-    prompt_tokens = sum(len(p.input_ids) for p in prompts) / len(prompts)
     dims = Dims.from_config(json.loads((Path(ctx["model_dir"]) / "config.json").read_text()))
     flops = grpo_step_flops(dims, prompts=args.prompts, G=args.G, prompt_tokens=round(prompt_tokens),
                             visual_tokens=args.visual_tokens, completion=args.completion, train=ctx["mode"],
                             beta=cfg.grpo.beta, gradient_checkpointing=cfg.model.gradient_checkpointing,
                             share_prompt=learner.share_prompt)["learner"]
-    result.update(update_s=round(update_s, 3), learner_flops=flops, share_prompt=learner.share_prompt,
-                  shape={"prompts": args.prompts, "G": args.G, "completion_tokens": args.completion,
-                         "prompt_tokens": round(prompt_tokens), **shape},
-                  micro_batch_tokens=cfg.grpo.micro_batch_tokens, overrides=args.overrides)
+    result.update(updates=records, update_s=round(update_s, 3), learner_flops=flops, share_prompt=learner.share_prompt,
+                  micro_batch_tokens=cfg.grpo.micro_batch_tokens)
     if ctx["device_total"] is not None:
         import torch
 
