@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from suzak.kernels import FLEX_ATTENTION, text_attention_of
 from suzak.errors import SuzakError
 from suzak.families import family_of
+from suzak.kernels import FLEX_ATTENTION, text_attention_of
 from trainer import loss as grpo_loss
 from trainer.rollouts import MicroBatch, SharedPrompts
 

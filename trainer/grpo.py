@@ -23,8 +23,8 @@ import torch
 
 from suzak.config import RunConfig
 from suzak.cpu import learner_cpu_threads
-from suzak.kernels import use_flex_for_text
 from suzak.errors import SuzakError
+from suzak.kernels import use_flex_for_text
 from suzak.log import get_logger
 from suzak.tasks import Example, Task
 from trainer import loss as grpo_loss
@@ -291,9 +291,13 @@ class GRPOLearner:
             self._prefetched = self._draw(count)
         return pending.result()
 
+    def _prompts_per_rank(self) -> int:
+        """The groups this rank trains on per step."""
+        return max(1, self.cfg.grpo.prompts_per_step // self.acc.num_processes)
+
     def _prompts_per_draw(self) -> int:
-        g = self.cfg.grpo
-        return math.ceil(max(1, g.prompts_per_step // self.acc.num_processes) * g.oversample)
+        """The prompts this rank generates per step (grpo.oversample draws extra, keeping the informative)."""
+        return math.ceil(self._prompts_per_rank() * self.cfg.grpo.oversample)
 
     def _start_next_generation(self, count: int) -> PendingBatch:
         """grpo.async_steps: draw the next step's prompts and have the server generate them, with the weights it
@@ -433,7 +437,7 @@ class GRPOLearner:
 
         g = self.cfg.grpo
         timer = Timer(cuda_sync=self.sync_phases)
-        per_rank = max(1, g.prompts_per_step // self.acc.num_processes)
+        per_rank = self._prompts_per_rank()
         count = self._prompts_per_draw()
         pending, self._pending = self._pending, None
         with timer("prepare"):
