@@ -299,7 +299,7 @@ class HostReference:
         self.weights, offset = [], 0
         for p in self.params:
             weight = self.buffer[offset:offset + p.numel()].view(p.shape)
-            weight.copy_(p.detach().to(dtype))
+            weight.copy_(p.detach())  # copy_ converts device and dtype in one pass
             self.weights.append(weight)
             offset += p.numel()
         self.pinned = bool(self.params) and self.params[0].is_cuda and _page_lock(self, self.buffer)
