@@ -554,10 +554,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _kill_children_and_exit(code: int) -> None:
+def _kill_children() -> None:
     for child in descendants(os.getpid()):
         with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
+
+
+def _kill_children_and_exit(code: int) -> None:
+    _kill_children()
     os._exit(code)
 
 
@@ -672,7 +676,12 @@ def serve(cfg) -> None:
              cfg.server.port, cfg.model.name_or_path, "required" if token else "off: localhost only",
              json.dumps({"max_request_mb": cfg.server.max_request_mb, "image_roots": limits.images.roots,
                          "image_urls": limits.images.allow_urls, "generate_token": bool(limits.generate_token)}))
-    server.run()
+    try:
+        server.run()
+    finally:
+        # An engine process that a clean shutdown left behind goes now, not when the reaper next looks: it scans
+        # once a second, so a child started less than a second before the stop could escape it.
+        _kill_children()
     if engine.load_error:
         raise SuzakError(f"the rollout server stopped: the engine failed to load ({engine.load_error})")
     if engine.dead_error:
