@@ -560,6 +560,10 @@ def _kill_children() -> None:
             os.kill(child, signal.SIGKILL)
 
 
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _kill_children_and_exit(code: int) -> None:
     _kill_children()
     os._exit(code)
@@ -676,6 +680,10 @@ def serve(cfg) -> None:
              cfg.server.port, cfg.model.name_or_path, "required" if token else "off: localhost only",
              json.dumps({"max_request_mb": cfg.server.max_request_mb, "image_roots": limits.images.roots,
                          "image_urls": limits.images.allow_urls, "generate_token": bool(limits.generate_token)}))
+    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again under the handler it found. With
+    # Python's default one the process would die right there, before the cleanup below.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         server.run()
     finally:
